@@ -1,0 +1,129 @@
+"""
+The UDP protocol: every datagram is checked, then written, forwarded, or
+counted under the reason it was rejected.
+"""
+
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from geotaxi import datagram
+from geotaxi.ordering import OUT_OF_ORDER, OrderingFilter
+from geotaxi.ratelog import RateLimitedLog
+
+log = Logger()
+
+
+class PositionProtocol(DatagramProtocol):
+    """
+    Check each datagram against the contract, in the order of its costs:
+    size, JSON, schema and ranges, zero position, timestamp window, signature
+    (when ``keys`` is given), then ordering per taxi and operator.
+
+    An accepted position goes to ``writer`` and, like an out-of-order one,
+    to ``fluent`` (the history). Nothing raised by a datagram reaches the
+    reactor: an unexpected error is counted as ``internal_errors`` and logged.
+    """
+
+    def __init__(self, clock, counters, writer, fluent=None, keys=None,
+                 max_future=600, max_age=3600, verbose=False):
+        self.clock = clock
+        self.counters = counters
+        self.writer = writer
+        self.fluent = fluent
+        self.keys = keys
+        self.max_future = max_future
+        self.max_age = max_age
+        self.verbose = verbose
+        self.ordering = OrderingFilter(clock, horizon=max_age or 3600)
+        self.ratelog = RateLimitedLog(clock, log)
+
+    def datagramReceived(self, data, address):
+        self.counters["received"] += 1
+        try:
+            position = datagram.parse(data)
+            self._check_place_and_time(position)
+        except datagram.Rejected as rejection:
+            self.reject(rejection.reason, address, rejection.detail, rejection.value)
+            return
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.failure("Unexpected error on a datagram from {source}", source=_source(address))
+            return
+
+        if self.keys is None:
+            self.accept(position)
+        else:
+            self.authenticate(position, data, address)
+
+    def _check_place_and_time(self, position):
+        if position.lat == 0.0 and position.lon == 0.0:
+            raise datagram.Rejected("zero_position", "position (0, 0): the device has no GPS fix", "0, 0")
+
+        timestamp = position.timestamp
+        now = self.clock.seconds()
+        if self.max_future and timestamp > now + self.max_future:
+            raise datagram.Rejected(
+                "timestamp_window",
+                f"timestamp {timestamp - now:.0f} s ahead of the server clock, over {self.max_future} s",
+                timestamp,
+            )
+        if self.max_age and timestamp < now - self.max_age:
+            raise datagram.Rejected(
+                "timestamp_window",
+                f"timestamp {now - timestamp:.0f} s behind the server clock, over {self.max_age} s",
+                timestamp,
+            )
+
+    def authenticate(self, position, data, address):
+        """
+        Check the signature of a position, then accept it or reject it.
+        """
+        # NOTE: the operator-key cache and the signature check plug in here;
+        # until they do, --auth-enabled rejects every datagram as unavailable.
+        self.reject("auth_unavailable", address, "no operator keys loaded", position.operator)
+
+    def accept(self, position):
+        """
+        Apply the ordering rule, then queue the position for Redis and Fluentd.
+        """
+        member = position.taxi + ":" + position.operator
+        verdict = self.ordering.check(member, position.timestamp)
+        if verdict is not None:
+            self.counters[verdict] += 1
+            self.ratelog.warn(
+                verdict,
+                "Not written ({reason}): position of {member} at {timestamp}, not newer than the last one accepted",
+                reason=verdict, member=member, timestamp=position.timestamp,
+            )
+            if verdict == OUT_OF_ORDER and self.fluent is not None:
+                self.fluent.emit(position.record())
+            return
+
+        self.counters["accepted"] += 1
+        self.writer.submit(member, position)
+        if self.fluent is not None:
+            self.fluent.emit(position.record())
+        if self.verbose:
+            log.debug("Accepted {position!r}", position=position)
+
+    def reject(self, reason, address, detail, value=None):
+        """
+        Count a rejected datagram and log it, a few lines a second at most
+        for each reason.
+        """
+        self.counters[reason] += 1
+        self.ratelog.warn(
+            reason,
+            "Rejected datagram from {source} ({reason}): {detail}; value: {value}",
+            source=_source(address), reason=reason, detail=detail, value=_loggable(value),
+        )
+
+
+def _source(address):
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _loggable(value, size=120):
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= size else text[:size] + "..."

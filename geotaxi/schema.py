@@ -1,0 +1,40 @@
+"""
+The JSON Schema of a position datagram, loaded once from the package.
+
+Two validators come from the one document: a fastjsonschema function compiled
+at import for the per-datagram check (a few microseconds), and a jsonschema
+validator that checks the document against its metaschema and explains a
+rejection for the log (tens of microseconds, so it runs only on rejects).
+"""
+
+import json
+from importlib import resources
+
+import fastjsonschema
+import jsonschema
+from jsonschema.exceptions import best_match
+
+SCHEMA = json.loads(resources.files("geotaxi").joinpath("position.schema.json").read_text("utf-8"))
+
+jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+_explainer = jsonschema.Draft202012Validator(SCHEMA)
+
+# detailed_exceptions=False keeps the schema fragment out of every exception,
+# because a flood of bad datagrams would otherwise copy it per datagram.
+validate = fastjsonschema.compile(SCHEMA, detailed_exceptions=False)
+
+ValidationError = fastjsonschema.JsonSchemaValueException
+
+
+def explain(message):
+    """
+    Return ``(field, reason)`` for a message that ``validate`` rejected:
+    the dotted path of the first offending field ("" for the whole message)
+    and jsonschema's sentence about it.
+    """
+    error = best_match(_explainer.iter_errors(message))
+    if error is None:
+        return "", "rejected by the compiled validator"
+    field = ".".join(str(part) for part in error.absolute_path)
+    return field, error.message
