@@ -115,7 +115,7 @@ def decode(data):
             data.decode("utf-8")
         except UnicodeDecodeError as encoding_error:
             raise Rejected("invalid_utf8", f"not UTF-8: {encoding_error.reason} at byte {encoding_error.start}", _excerpt(data)) from None
-        raise Rejected("invalid_json", f"not JSON: {error}", _excerpt(data)) from None
+        raise Rejected("invalid_json", f"not JSON: {error}", _excerpt(data, error.pos)) from None
 
     if type(message) is not dict:
         raise Rejected("invalid_json", f"a JSON {type(message).__name__} instead of an object", _excerpt(data))
@@ -191,9 +191,15 @@ def _timestamp(value):
     return value
 
 
-def _excerpt(data, size=80):
+def _excerpt(data, at=0, size=80):
     """
-    Return the start of a bad datagram for the log, never the whole of it.
+    Return at most ``size`` bytes of a bad datagram around offset ``at``, for
+    the log: never the whole of it.
     """
-    text = repr(bytes(data[:size]))
-    return text + "..." if len(data) > size else text
+    start = max(0, min(at - size // 2, len(data) - size))
+    text = repr(bytes(data[start:start + size]))
+    if start > 0:
+        text = "..." + text
+    if start + size < len(data):
+        text = text + "..."
+    return text

@@ -35,8 +35,9 @@ class GeotaxiService(service.MultiService):
     ``fluent`` and ``keys``.
     """
 
-    def __init__(self, reactor, counters):
+    def __init__(self, reactor, counters, handle_signals=True):
         super().__init__()
+        self.handle_signals = handle_signals
         self.setName("geotaxi")
         self.reactor = reactor
         self.counters = counters
@@ -53,7 +54,8 @@ class GeotaxiService(service.MultiService):
         # Objects made at start-up live as long as the process; freezing them
         # keeps the collector from scanning them again under load.
         self.reactor.callWhenRunning(gc.freeze)
-        self.reactor.callWhenRunning(self._handle_stop_signals)
+        if self.handle_signals:
+            self.reactor.callWhenRunning(self._handle_stop_signals)
 
     def _handle_stop_signals(self):
         # The reactor's own handlers make twistd end by re-raising the signal,
@@ -74,15 +76,16 @@ class GeotaxiService(service.MultiService):
         return super().stopService()
 
 
-def makeService(config, reactor=None):
+def makeService(config, reactor=None, handle_signals=True):
     """
-    Build the geotaxi service tree from parsed Options.
+    Build the geotaxi service tree from parsed Options. Tests that run it
+    inside their own process pass ``handle_signals=False``.
     """
     if reactor is None:
         from twisted.internet import reactor
 
     counters = Counters()
-    top = GeotaxiService(reactor, counters)
+    top = GeotaxiService(reactor, counters, handle_signals)
 
     # NOTE: --redis-sentinel and --workers are parsed but not yet acted on:
     # this process connects to --redis-host and runs alone.

@@ -6,6 +6,7 @@ by the PID it was started with.
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -77,11 +78,30 @@ class RedisServer:
             connection.sendall(_encode(args))
             return _read_reply(connection.makefile("rb"))
 
-    def stop(self):
+    def stop(self, save=False):
+        """
+        End the server. With ``save``, it first writes its data to disk, and
+        ``start()`` loads it again, as a restart of a persistent Redis would.
+        """
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            if save:
+                try:
+                    self.command("SHUTDOWN", "SAVE")
+                except (ConnectionError, OSError):
+                    pass
+            else:
+                self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+    def pause(self):
+        """
+        Freeze the server with SIGSTOP: connections stay open and no reply comes.
+        """
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.process.send_signal(signal.SIGCONT)
 
     def cleanup(self):
         self.stop()
