@@ -117,8 +117,8 @@ def makeService(config, reactor=None, handle_signals=True):
             counters,
             reactor,
             max_buffer=config["fluent-buffer"],
+            shutdown_timeout=config["shutdown-timeout"],
         )
-        top.fluent.shutdown_timeout = config["shutdown-timeout"]
         top.fluent.setServiceParent(top)
 
     if config["auth-enabled"]:
