@@ -41,6 +41,13 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{text} is not a number above 0")
+    return value
+
+
 def non_negative_float(text):
     value = float(text)
     if not value >= 0:
@@ -64,6 +71,7 @@ def sentinel_addresses(text):
 port_number.coerceDoc = "A port number, 0-65535."
 positive_int.coerceDoc = "A positive integer."
 non_negative_float.coerceDoc = "Seconds, 0 or more."
+positive_float.coerceDoc = "Seconds, above 0."
 
 
 class Options(usage.Options):
@@ -94,7 +102,7 @@ class Options(usage.Options):
         ["redis-db", None, 0, "Redis database number.", int],
         ["redis-sentinel", None, None, "Redis Sentinel addresses, host:port[,host:port...]."],
         ["redis-sentinel-master", None, "mymaster", "Name of the master watched by the sentinels."],
-        ["redis-timeout", None, 5.0, "Seconds to wait for each Redis call.", non_negative_float],
+        ["redis-timeout", None, 5.0, "Seconds to wait for each Redis call.", positive_float],
         ["queue-size", None, 100_000, "Positions that may wait for Redis before new ones are dropped.", positive_int],
         ["batch-size", None, 1000, "Positions written to Redis per round trip, at most.", positive_int],
         ["fluent-host", None, "127.0.0.1", "Fluentd host."],
@@ -107,7 +115,7 @@ class Options(usage.Options):
         ["receive-buffer", None, 4 * 1024 * 1024, "SO_RCVBUF to request for the UDP socket, in bytes.", int],
         ["shutdown-timeout", None, 10.0, "Seconds to write queued positions on SIGTERM before exiting.", non_negative_float],
         ["sentry-dsn", None, None, "Sentry DSN to report errors to."],
-        ["metrics-port", None, None, "TCP port of the /metrics and /health HTTP endpoint (off by default).", port_number],
+        ["metrics-port", None, None, "TCP port of the /metrics and /health HTTP endpoint, off by default", port_number],
     ]
 
     def __init__(self, environ=None):
@@ -155,7 +163,7 @@ class Options(usage.Options):
             try:
                 self["redis-sentinel"] = sentinel_addresses(self["redis-sentinel"])
             except ValueError as error:
-                raise usage.UsageError(f"invalid --redis-sentinel: {error}") from None
+                raise usage.UsageError(f"invalid --redis-sentinel (REDIS_SENTINEL): {error}") from None
 
         if self["auth-enabled"] and not self._environ.get("API_KEY"):
             raise usage.UsageError(

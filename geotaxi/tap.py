@@ -87,8 +87,9 @@ def makeService(config, reactor=None, handle_signals=True):
     counters = Counters()
     top = GeotaxiService(reactor, counters, handle_signals)
 
-    # NOTE: --redis-sentinel and --workers are parsed but not yet acted on:
-    # this process connects to --redis-host and runs alone.
+    # NOTE: --redis-sentinel, --workers, --metrics-port and --sentry-dsn are
+    # parsed but not yet acted on: this process connects to --redis-host,
+    # runs alone, serves no metrics and reports errors only to its log.
     link = RedisLink(
         reactor,
         config["redis-host"],

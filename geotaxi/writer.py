@@ -59,6 +59,8 @@ class RedisWriter(service.Service):
         self._drained = []
         self._closed = False
         self._ratelog = RateLimitedLog(clock, log)
+        # One line every 5 s while Redis is away is enough to see it.
+        self._unreachable_log = RateLimitedLog(clock, log, per_second=0.2, burst=1)
 
     @property
     def pending(self):
@@ -128,6 +130,12 @@ class RedisWriter(service.Service):
             self._schedule(self._retry_at - now)
             return
         if not self.link.connected:
+            self.counters["redis_errors"] += 1
+            self._unreachable_log.error(
+                "redis_unreachable",
+                "Redis at {address} is not connected: {count} positions wait in the backlog",
+                address=self.link.address, count=len(self._pending),
+            )
             self._schedule(self.retry_interval)
             return
 
