@@ -6,7 +6,8 @@ counted under the reason it was rejected.
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from geotaxi import datagram
+from geotaxi import datagram, signature
+from geotaxi.apikeys import FULL, UNAVAILABLE
 from geotaxi.ordering import OUT_OF_ORDER, OrderingFilter
 from geotaxi.ratelog import RateLimitedLog
 
@@ -76,11 +77,54 @@ class PositionProtocol(DatagramProtocol):
 
     def authenticate(self, position, data, address):
         """
-        Check the signature of a position, then accept it or reject it.
+        Look up the operator's key, then check the signature and accept or
+        reject the position. An unknown operator may wait for one reload of
+        the keys, shared by every datagram that waits.
         """
-        # NOTE: the operator-key cache and the signature check plug in here;
-        # until they do, --auth-enabled rejects every datagram as unavailable.
-        self.reject("auth_unavailable", address, "no operator keys loaded", position.operator)
+        key = self.keys.lookup(position.operator)
+        if type(key) is str:
+            self.check_signature(position, data, address, key)
+        elif key is None:
+            self.reject("unknown_operator", address, "no API key for this operator", position.operator)
+        elif key is UNAVAILABLE:
+            self.reject("auth_unavailable", address, "the operators' keys have not been loaded yet", position.operator)
+        elif key is FULL:
+            self.reject("auth_backlog_full", address, "too many datagrams wait for the operators' keys", position.operator)
+        else:
+            key.addCallback(self._key_reloaded, position, data, address)
+            key.addErrback(self._failed, address)
+
+    def _key_reloaded(self, key, position, data, address):
+        if key is None:
+            self.reject("unknown_operator", address, "no API key for this operator after a reload", position.operator)
+        else:
+            self.check_signature(position, data, address, key)
+
+    def _failed(self, failure, address):
+        self.counters["internal_errors"] += 1
+        log.failure("Unexpected error on a datagram from {source}", failure, source=_source(address))
+
+    def check_signature(self, position, data, address, key):
+        """
+        Accept the position if its hash is the signature of its fields with
+        ``key``; otherwise count it and the badhash_* sorted sets.
+        """
+        if data[:3] == datagram.BOM:
+            data = data[3:]
+        try:
+            texts = signature.field_texts(data, position.message)
+        except ValueError as error:
+            # orjson parses 1024 levels of nesting, the stdlib parser that
+            # keeps the text of numbers stops a little earlier.
+            self.reject("invalid_json", address, f"not JSON for the signature check: {error}")
+            return
+
+        if signature.verify(texts, key, position.hash):
+            self.accept(position)
+            return
+
+        self.reject("bad_signature", address, f"hash does not match the fields and the key of {position.operator}", position.hash)
+        self.writer.record_bad_signature(position.operator, position.taxi, address[0])
 
     def accept(self, position):
         """

@@ -45,10 +45,12 @@ def encode(message):
 class ServerTestCase(unittest.TestCase):
     """
     Start one redis-server for the class and one geotaxi service per test.
-    ``server_args`` adds command-line options.
+    ``server_args`` adds command-line options, ``server_environ`` is the
+    environment the options read.
     """
 
     server_args = ()
+    server_environ = {}
     timeout = 60
 
     @classmethod
@@ -66,13 +68,19 @@ class ServerTestCase(unittest.TestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
+        yield self.prepare()
         yield self.start_server()
         self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(self.client.close)
 
+    def prepare(self):
+        """
+        Start what the server needs before it starts; subclasses override it.
+        """
+
     @defer.inlineCallbacks
     def start_server(self, *extra):
-        options = Options(environ={})
+        options = Options(environ=dict(self.server_environ))
         options.parseOptions([
             "--host", "127.0.0.1",
             "--port", "0",
