@@ -32,13 +32,17 @@ class RedisWriter(service.Service):
     fails or times out goes back to the backlog, behind any newer position of
     the same member, and the writer waits ``retry_interval`` seconds before
     the next try.
+
+    A position waits up to ``batch_delay`` seconds for others to share its
+    round trip. Without that wait, at a few thousand datagrams a second each
+    position went alone and cost about 120 µs of CPU instead of about 25.
     """
 
     name = "redis"
 
     def __init__(self, link, clock, counters, queue_size=100_000, batch_size=1000,
                  max_in_flight=2, timeout=5.0, retry_interval=0.25, shutdown_timeout=10.0,
-                 max_bad_signatures=10_000):
+                 max_bad_signatures=10_000, batch_delay=0.005):
         self.link = link
         self.clock = clock
         self.counters = counters
@@ -49,6 +53,7 @@ class RedisWriter(service.Service):
         self.retry_interval = retry_interval
         self.shutdown_timeout = shutdown_timeout
         self.max_bad_signatures = max_bad_signatures
+        self.batch_delay = batch_delay
 
         self._pending = {}
         self._bad_signatures = []
@@ -99,7 +104,7 @@ class RedisWriter(service.Service):
         pending[member] = position
 
         if self._flush_call is None:
-            self._flush_call = self.clock.callLater(0, self._flush)
+            self._flush_call = self.clock.callLater(self.batch_delay, self._flush)
         return True
 
     def record_bad_signature(self, operator, taxi, ip):
@@ -110,7 +115,7 @@ class RedisWriter(service.Service):
             self.counters["badhash_dropped"] += 1
             return
         self._bad_signatures.append(f"{operator} {taxi} {ip}\n")
-        self._schedule()
+        self._schedule(self.batch_delay)
 
     def _schedule(self, delay=0):
         if self._flush_call is None:
