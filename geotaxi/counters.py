@@ -23,11 +23,15 @@ REJECTION_REASONS = (
 )
 
 # Outcomes after a position was accepted: it is written, replaced in the
-# backlog by a newer position of the same taxi, or dropped.
-WRITE_OUTCOMES = ("written", "superseded", "queue_full", "shutdown_dropped")
+# backlog by a newer position of the same taxi, refused by Redis, or dropped.
+WRITE_OUTCOMES = ("written", "superseded", "queue_full", "redis_rejected", "shutdown_dropped")
 
 OTHER_COUNTERS = (
+    "internal_errors",
     "redis_errors",
+    "badhash_dropped",
+    "apikey_reloads",
+    "apikey_reload_errors",
     "fluent_sent",
     "fluent_dropped",
     "fluent_errors",

@@ -7,6 +7,7 @@ log could do later.
 """
 
 import math
+from decimal import Decimal
 
 import orjson
 
@@ -20,6 +21,7 @@ MAX_LATITUDE = 85.05112878
 MAX_LONGITUDE = 180.0
 
 MILLISECONDS_FROM = 10**12
+MAX_TIMESTAMP = 2**63 - 1
 
 
 class Rejected(Exception):
@@ -130,8 +132,15 @@ def normalise(message):
     try:
         schema.validate(message)
     except schema.ValidationError:
-        field, reason = schema.explain(message)
+        try:
+            field, reason = schema.explain(message)
+        except RecursionError:
+            # jsonschema's message holds repr() of the value, which recurses
+            # on a value nested hundreds of levels deep.
+            field, reason = "", "a value nested too deep to describe"
         value = message.get(field) if field and "." not in field else None
+        if len(reason) > 200:
+            reason = reason[:200] + "..."
         raise Rejected("invalid_field", f"field {field or '(message)'}: {reason}", value) from None
 
     lat = _coordinate(message, "lat", MAX_LATITUDE)
@@ -180,7 +189,13 @@ def _timestamp(value):
         try:
             value = int(value)
         except ValueError:
-            value = float(value)
+            # Decimal drops the fraction exactly, where float() could round
+            # "1733318400.9999999999" up to the next second. The exponent is
+            # checked first: int() of "1e99999999" would build a huge integer.
+            exact = Decimal(value)
+            if exact.adjusted() > 18:
+                raise Rejected("timestamp_window", "timestamp out of the range of a 64-bit integer", value) from None
+            value = int(exact)
     if type(value) is float:
         if not math.isfinite(value):
             raise Rejected("timestamp_window", "timestamp is not a finite number", value)
@@ -188,6 +203,10 @@ def _timestamp(value):
 
     if value >= MILLISECONDS_FROM:
         value //= 1000
+
+    # Far beyond any clock, and beyond the integers the API's readers expect.
+    if not -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP:
+        raise Rejected("timestamp_window", "timestamp out of the range of a 64-bit integer", value)
     return value
 
 

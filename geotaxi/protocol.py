@@ -5,6 +5,7 @@ counted under the reason it was rejected.
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from geotaxi import datagram, signature
 from geotaxi.apikeys import FULL, UNAVAILABLE
@@ -35,7 +36,8 @@ class PositionProtocol(DatagramProtocol):
         self.max_future = max_future
         self.max_age = max_age
         self.verbose = verbose
-        self.ordering = OrderingFilter(clock, horizon=max_age or 3600)
+        # With no age limit, a day of silence is taken as the end of a trip.
+        self.ordering = OrderingFilter(clock, horizon=max_age or 86400)
         self.ratelog = RateLimitedLog(clock, log)
 
     def datagramReceived(self, data, address):
@@ -43,18 +45,14 @@ class PositionProtocol(DatagramProtocol):
         try:
             position = datagram.parse(data)
             self._check_place_and_time(position)
+            if self.keys is None:
+                self.accept(position)
+            else:
+                self.authenticate(position, data, address)
         except datagram.Rejected as rejection:
             self.reject(rejection.reason, address, rejection.detail, rejection.value)
-            return
         except Exception:
-            self.counters["internal_errors"] += 1
-            log.failure("Unexpected error on a datagram from {source}", source=_source(address))
-            return
-
-        if self.keys is None:
-            self.accept(position)
-        else:
-            self.authenticate(position, data, address)
+            self._failed(Failure(), address)
 
     def _check_place_and_time(self, position):
         if position.lat == 0.0 and position.lon == 0.0:
@@ -102,7 +100,9 @@ class PositionProtocol(DatagramProtocol):
 
     def _failed(self, failure, address):
         self.counters["internal_errors"] += 1
-        log.failure("Unexpected error on a datagram from {source}", failure, source=_source(address))
+        self.ratelog.failure(
+            "internal_errors", "Unexpected error on a datagram from {source}", failure, source=_source(address),
+        )
 
     def check_signature(self, position, data, address, key):
         """

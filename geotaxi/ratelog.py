@@ -44,6 +44,19 @@ class RateLimitedLog:
         self._log.warn(format, suppressed=suppressed, **fields)
         return True
 
+    def failure(self, key, format, failure, **fields):
+        """
+        Log ``format`` with ``failure`` and its traceback, at critical level,
+        unless ``key`` is over its rate.
+        """
+        allowed, suppressed = self._allow(key)
+        if not allowed:
+            return False
+        if suppressed:
+            format = format + " ({suppressed} similar lines suppressed)"
+        self._log.failure(format, failure, suppressed=suppressed, **fields)
+        return True
+
     def error(self, key, format, **fields):
         """
         Log ``format`` at error level unless ``key`` is over its rate.

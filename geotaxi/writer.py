@@ -146,6 +146,10 @@ class RedisWriter(service.Service):
 
         while (self._pending or self._bad_signatures) and self._in_flight < self.max_in_flight:
             self._send(self._take_batch(), self._take_bad_signatures())
+            # A call that failed at once set a pause, so stop until it ends.
+            if self.clock.seconds() < self._retry_at:
+                self._schedule(self._retry_at - self.clock.seconds())
+                break
 
     def _take_batch(self):
         pending = self._pending
@@ -181,6 +185,9 @@ class RedisWriter(service.Service):
         d.addBoth(self._sent, len(batch))
 
     def _written(self, reply, batch):
+        if self._closed:
+            # Counted as shutdown_dropped when the shutdown timeout passed.
+            return
         written, failed, first_error = int(reply[0]), int(reply[1]), reply[2]
         self.counters["written"] += written
         if failed:
@@ -203,8 +210,11 @@ class RedisWriter(service.Service):
             return
         self._retry_at = self.clock.seconds() + self.retry_interval
         self._requeue(batch)
-        if bad_signatures and len(self._bad_signatures) < self.max_bad_signatures:
-            self._bad_signatures.append(bad_signatures)
+        if bad_signatures:
+            if len(self._bad_signatures) < self.max_bad_signatures:
+                self._bad_signatures.append(bad_signatures)
+            else:
+                self.counters["badhash_dropped"] += bad_signatures.count("\n")
 
     def _requeue(self, batch):
         pending = self._pending
@@ -260,6 +270,8 @@ class RedisWriter(service.Service):
                 )
         self._closed = True
         self._pending = {}
+        self.counters["badhash_dropped"] += sum(lines.count("\n") for lines in self._bad_signatures)
+        self._bad_signatures = []
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
