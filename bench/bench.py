@@ -6,7 +6,14 @@ each offered rate of a rising list, send ``--seconds`` of datagrams with a
 new taxi id each and wait until the server has drained. The ``taxi:*`` keys
 in Redis count the positions delivered, one key each. Print a table per
 run, the median over ``--runs`` runs, and the highest rate stored with less
-than 0.1 % loss. See bench/README.md for how to read the figures.
+than 0.1 % loss.
+
+``--auth`` signs every datagram and runs the server with authentication
+against an API stand-in (bench/users_api.py). ``--fluent`` runs it with
+Fluentd forwarding to a sink that counts records (bench/fluent_sink.py).
+``--compare auth,fluent`` runs the baseline and each of these variants in
+turn, run after run, and prints their no-loss rates and CPU per position as
+ratios to the baseline. See bench/README.md for how to read the figures.
 
 Run it from anywhere with the project's Python: ``python bench/bench.py``.
 """
@@ -14,6 +21,9 @@ Run it from anywhere with the project's Python: ``python bench/bench.py``.
 import argparse
 import json
 import os
+import re
+import secrets
+import select
 import shlex
 import signal
 import socket
@@ -22,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +57,30 @@ INDEX_KEYS = ("geoindex", "geoindex_2", "timestamps", "timestamps_id")
 # drain. Polls in between use DBSIZE, which is O(1).
 COUNT_TAXI_KEYS = "return #redis.call('KEYS', ARGV[1])"
 
+BENCH_FOLDER = Path(__file__).resolve().parent
+USERS_API_SCRIPT = BENCH_FOLDER / "users_api.py"
+FLUENT_SINK_SCRIPT = BENCH_FOLDER / "fluent_sink.py"
+
 START_TIMEOUT = 30.0
 DRAIN_POLL = 0.05
 DRAIN_STABLE = 1.0
 SETTLE_SECONDS = 1.0
 STOP_TIMEOUT = 20.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Seconds to wait for a helper's reply to SIGUSR1, or for the server's
+# counter line after SIGUSR1.
+REPLY_TIMEOUT = 5.0
+
+# The server's SIGUSR1 report line, "Counters: received=12 accepted=10 ...".
+COUNTERS_LINE = re.compile(r"Counters: ((?:\w+=\d+ ?)+)$", re.MULTILINE)
+
+# 75 operators fill three pages of 30, the last one partly, so that the
+# server must follow next_page to find the keys of the last operators.
+DEFAULT_OPERATORS = 75
+MAX_OPERATORS = 10_000
+
+VARIANT_FEATURES = ("auth", "fluent")
 
 
 class BenchError(Exception):
@@ -107,6 +136,224 @@ def tree_cpu_seconds(pid):
     return total
 
 
+# The variants of the server under test.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """
+    A configuration of the server under test: the baseline has neither
+    authentication nor Fluentd forwarding, the others add one or both.
+    """
+
+    auth: bool = False
+    fluent: bool = False
+
+    @property
+    def name(self):
+        features = [feature for feature in VARIANT_FEATURES if getattr(self, feature)]
+        return "+".join(features) or "baseline"
+
+    @classmethod
+    def parse(cls, text):
+        """Parse "baseline", "auth", "fluent" or "auth+fluent"."""
+        text = text.strip().lower()
+        if text == "baseline":
+            return cls()
+        features = set(text.split("+"))
+        unknown = features - set(VARIANT_FEATURES)
+        if not text or unknown:
+            raise ValueError(f"invalid variant {text!r}: expected baseline, auth, fluent or auth+fluent")
+        return cls(auth="auth" in features, fluent="fluent" in features)
+
+
+def make_operators(count):
+    """Return ``count`` operators as the API lists them, each with a new random key."""
+    return [
+        {"email": f"operator-{number:03d}@bench.invalid", "apikey": secrets.token_hex(20), "name": f"Bench operator {number}"}
+        for number in range(1, count + 1)
+    ]
+
+
+# Helper processes: the API stand-in and the Fluentd sink.
+
+
+class Helper:
+    """
+    A helper process started and ended by this benchmark. It prints
+    ``port N`` on stdout once it listens; its stderr goes to ``log_path``.
+    """
+
+    def __init__(self, name, command, log_path, environment):
+        self.name = name
+        self.command = command
+        self.log_path = log_path
+        self.environment = environment
+        self.process = None
+        self.port = None
+        self._buffer = b""
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def start(self):
+        """Start the process and wait for its port line. Raise BenchError after START_TIMEOUT."""
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=self.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                # Its own session, so that a Ctrl-C reaches only the
+                # benchmark, which then ends the helper by its PID.
+                start_new_session=True,
+            )
+        line = self.read_line(START_TIMEOUT)
+        name, _, value = line.partition(" ")
+        if name != "port" or not value.isdigit():
+            raise BenchError(f"the {self.name} printed {line!r} instead of its port; see {self.log_path}")
+        self.port = int(value)
+
+    def read_line(self, timeout):
+        """Return the next line of the helper's stdout. Raise BenchError when none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        stdout = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"the {self.name} printed nothing within {timeout:g} s; see {self.log_path}")
+            readable, _, _ = select.select([stdout], [], [], remaining)
+            if not readable:
+                continue
+            chunk = os.read(stdout, 4096)
+            if not chunk:
+                status = self.process.wait(timeout=STOP_TIMEOUT)
+                raise BenchError(f"the {self.name} exited with status {status}; see {self.log_path}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8", errors="replace").strip()
+
+    def stop(self):
+        """End the process with SIGTERM, or SIGKILL after STOP_TIMEOUT."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"warning: the {self.name} (PID {self.pid}) ignored SIGTERM, killing it", file=sys.stderr)
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+        self.process.stdout.close()
+        self.process = None
+
+
+class FluentSink(Helper):
+    """The Forward-protocol sink of bench/fluent_sink.py, which counts the records it receives."""
+
+    def __init__(self, log_folder):
+        command = [sys.executable, str(FLUENT_SINK_SCRIPT)]
+        super().__init__("Fluentd sink", command, os.path.join(log_folder, "fluent-sink.log"), clean_environment())
+
+    def records(self):
+        """Return the number of records received so far, asked with SIGUSR1."""
+        os.kill(self.pid, signal.SIGUSR1)
+        line = self.read_line(REPLY_TIMEOUT)
+        counts = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if not counts.get("records", "").isdigit():
+            raise BenchError(f"the {self.name} printed {line!r} instead of its counts; see {self.log_path}")
+        return int(counts["records"])
+
+
+class UsersApi(Helper):
+    """The API stand-in of bench/users_api.py, which serves the operators' keys at /users/."""
+
+    def __init__(self, log_folder, operators, api_key):
+        users_path = os.path.join(log_folder, "users.json")
+        with open(users_path, "w", encoding="utf-8") as users_file:
+            json.dump(operators, users_file)
+        command = [sys.executable, str(USERS_API_SCRIPT), "--users", users_path]
+        environment = dict(clean_environment(), API_KEY=api_key)
+        super().__init__("API stand-in", command, os.path.join(log_folder, "users-api.log"), environment)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Helpers:
+    """
+    The helpers that the variants need, each started once and shared by
+    every run: the API stand-in for authentication, the sink for Fluentd.
+    """
+
+    def __init__(self, log_folder, operator_count):
+        self.log_folder = log_folder
+        self.operators = make_operators(operator_count)
+        # The key with which the server lists /users/. It reaches the server
+        # and the stand-in through their environment, never a command line.
+        self.api_key = secrets.token_hex(20)
+        self.users_api = None
+        self.sink = None
+
+    def start(self, variants):
+        if any(variant.auth for variant in variants):
+            self.users_api = UsersApi(self.log_folder, self.operators, self.api_key)
+            self.users_api.start()
+            print(f"API stand-in: PID {self.users_api.pid}, {self.users_api.url}/users/, {len(self.operators)} operators")
+        if any(variant.fluent for variant in variants):
+            self.sink = FluentSink(self.log_folder)
+            self.sink.start()
+            print(f"Fluentd sink: PID {self.sink.pid}, TCP port {self.sink.port}")
+
+    def stop(self):
+        """End every helper by its PID, each even when another fails to stop."""
+        for helper in (self.users_api, self.sink):
+            if helper is not None:
+                try:
+                    helper.stop()
+                except (OSError, subprocess.SubprocessError) as error:
+                    print(f"warning: could not stop the {helper.name} (PID {helper.pid}): {error}", file=sys.stderr)
+
+    def server_arguments(self, variant):
+        """Return the server options that set up ``variant``."""
+        if variant.fluent:
+            arguments = ["--fluent-host", "127.0.0.1", "--fluent-port", str(self.sink.port)]
+        else:
+            arguments = ["--disable-fluent"]
+        if variant.auth:
+            arguments += ["--auth-enabled", "--api-url", self.users_api.url]
+        return arguments
+
+    def server_environment(self, variant):
+        environment = clean_environment()
+        if variant.auth:
+            environment["API_KEY"] = self.api_key
+        return environment
+
+    def signing(self, variant, seed):
+        """
+        Return the generator's arguments that sign datagrams for ``variant``:
+        none without authentication, else the key of one operator per seed.
+        """
+        if not variant.auth:
+            return {}
+        operator = self.operators[seed % len(self.operators)]
+        return {"api_key": operator["apikey"], "operator": operator["email"]}
+
+    def probe_signing(self, variant):
+        """
+        Return the signing arguments of the start-up probes: the last
+        operator's key, on the API's last page, so that a stored probe shows
+        that the server followed every page.
+        """
+        return self.signing(variant, len(self.operators) - 1)
+
+
 # The server process.
 
 
@@ -138,10 +385,11 @@ def expected_workers(server_args):
 class Server:
     """One geotaxi server process, started and ended by this benchmark."""
 
-    def __init__(self, command, port, log_path):
+    def __init__(self, command, port, log_path, environment):
         self.command = command
         self.port = port
         self.log_path = log_path
+        self.environment = environment
         self.process = None
         self.members = {}
 
@@ -150,7 +398,7 @@ class Server:
             self.process = subprocess.Popen(
                 self.command,
                 cwd=ROOT,
-                env=clean_environment(),
+                env=self.environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -179,17 +427,19 @@ class Server:
         """Record the PIDs of the server and its workers, to end them all by PID."""
         self.members.update(process_tree(self.pid))
 
-    def wait_ready(self, redis, workers):
+    def wait_ready(self, redis, workers, signing):
         """
-        Wait until a probe datagram is stored in Redis and ``workers``
-        sockets listen on the port. Raise BenchError after START_TIMEOUT.
+        Wait until a probe datagram, signed with ``signing`` (generator
+        arguments), is stored in Redis and ``workers`` sockets listen on the
+        port. With authentication, a stored probe also shows that the keys
+        are loaded. Raise BenchError after START_TIMEOUT.
         """
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             self.check_running()
             if time.monotonic() > deadline:
                 raise BenchError(f"the server stored no probe position within {START_TIMEOUT:.0f} s; {self.log_tail()}")
-            traffic.send_traffic("127.0.0.1", self.port, 1, unique_ids=True)
+            traffic.send_traffic("127.0.0.1", self.port, 1, unique_ids=True, **signing)
             time.sleep(0.2)
             if redis.command("DBSIZE") > 0:
                 break
@@ -203,6 +453,24 @@ class Server:
         if listening < workers:
             print(f"warning: {listening} socket(s) on port {self.port} for {workers} workers", file=sys.stderr)
         self.remember_members()
+
+    def read_counters(self):
+        """
+        Send SIGUSR1 and return the counters that the server then logs, as
+        {name: value}, or None when no counter line comes within REPLY_TIMEOUT.
+        """
+        offset = os.path.getsize(self.log_path)
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL)
+            with open(self.log_path, encoding="utf-8", errors="replace") as log_file:
+                log_file.seek(offset)
+                match = COUNTERS_LINE.search(log_file.read())
+            if match:
+                return {name: int(value) for name, value in (item.split("=") for item in match.group(1).split())}
+        print(f"warning: the server logged no counters within {REPLY_TIMEOUT:g} s of SIGUSR1", file=sys.stderr)
+        return None
 
     def stop(self):
         """
@@ -231,6 +499,22 @@ class Server:
                 except ProcessLookupError:
                     pass
         self.process = None
+
+
+@dataclass
+class Sweep:
+    """What one sweep measures: a variant, its server, Redis and the shared helpers."""
+
+    run: int
+    variant: Variant
+    server: Server
+    redis: RedisServer
+    helpers: Helpers
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def sink(self):
+        return self.helpers.sink if self.variant.fluent else None
 
 
 # One step of the sweep.
@@ -266,14 +550,44 @@ def wait_drained(redis, server, sent, timeout):
     return last_change
 
 
-def run_step(rate, seconds, server, redis, redis_pid, options, seed):
-    """Send one rate for ``seconds`` and return the figures of the step."""
+def wait_forwarded(sink, server, first_count, sent, timeout):
+    """
+    Wait until the sink stops receiving records: its count unchanged for
+    DRAIN_STABLE seconds, or ``sent`` records more than ``first_count``.
+    Return (records received since ``first_count``, monotonic time of the
+    last change seen).
+    """
+    last_count = sink.records()
+    last_change = time.monotonic()
+    deadline = last_change + timeout
+    while last_count - first_count < sent and time.monotonic() < deadline:
+        # Each poll costs the sink a signal and a line on a pipe, so it
+        # polls less often than Redis.
+        time.sleep(2 * DRAIN_POLL)
+        server.check_running()
+        count = sink.records()
+        now = time.monotonic()
+        if count != last_count:
+            last_count, last_change = count, now
+        elif now - last_change >= DRAIN_STABLE:
+            break
+    else:
+        if last_count - first_count < sent:
+            print(f"warning: the Fluentd sink was still receiving after {timeout:.0f} s of drain", file=sys.stderr)
+    return last_count - first_count, last_change
+
+
+def run_step(rate, sweep, options, seed):
+    """Send one rate for ``options.seconds`` and return the figures of the step."""
+    server, redis, sink = sweep.server, sweep.redis, sweep.sink
     redis.command("FLUSHDB")
     time.sleep(SETTLE_SECONDS)
     server.check_running()
 
     server_cpu = tree_cpu_seconds(server.pid)
-    redis_cpu = tree_cpu_seconds(redis_pid)
+    redis_cpu = tree_cpu_seconds(redis.process.pid)
+    sink_cpu = tree_cpu_seconds(sink.pid) if sink else 0.0
+    sink_records = sink.records() if sink else 0
     drops = netstat.socket_drops(port=server.port)
     snmp = netstat.udp_snmp()
     started = time.monotonic()
@@ -281,32 +595,39 @@ def run_step(rate, seconds, server, redis, redis_pid, options, seed):
     report = traffic.send_traffic(
         "127.0.0.1",
         server.port,
-        int(rate * seconds),
+        int(rate * options.seconds),
         rate=rate,
-        duration=seconds,
+        duration=options.seconds,
         unique_ids=True,
         sockets=options.sockets,
         seed=seed,
+        **sweep.helpers.signing(sweep.variant, seed),
     )
     last_change = wait_drained(redis, server, report.sent, options.drain_timeout)
+    forwarded = None
+    if sink:
+        forwarded, last_forward = wait_forwarded(sink, server, sink_records, report.sent, options.drain_timeout)
+        last_change = max(last_change, last_forward)
 
-    # Busy time: from the first datagram to the last write seen, and at
-    # least the sending time, so that CPU shares are not diluted by the
-    # idle end of the drain.
+    # Busy time: from the first datagram to the last write or record seen,
+    # and at least the sending time, so that CPU shares are not diluted by
+    # the idle end of the drain.
     busy = max(report.seconds, last_change - started)
     server_cpu = tree_cpu_seconds(server.pid) - server_cpu
-    redis_cpu = tree_cpu_seconds(redis_pid) - redis_cpu
+    redis_cpu = tree_cpu_seconds(redis.process.pid) - redis_cpu
     delivered = count_positions(redis)
     return {
         "offered_rate": rate,
         "sent": report.sent,
         "send_rate": round(report.rate),
         "delivered": delivered,
+        "fluent_records": forwarded,
         "loss_percent": 100.0 * (report.sent - delivered) / report.sent if report.sent else 0.0,
         "delivered_rate": round(delivered / busy),
         "server_cpu_percent": 100.0 * server_cpu / busy,
         "server_us_per_position": 1e6 * server_cpu / delivered if delivered else None,
         "redis_cpu_percent": 100.0 * redis_cpu / busy,
+        "sink_cpu_percent": 100.0 * (tree_cpu_seconds(sink.pid) - sink_cpu) / busy if sink else None,
         "kernel_drops": netstat.socket_drops(port=server.port) - drops,
         "namespace_rcvbuf_errors": netstat.udp_snmp()["RcvbufErrors"] - snmp["RcvbufErrors"],
         "drain_seconds": max(0.0, last_change - started - report.seconds),
@@ -314,21 +635,64 @@ def run_step(rate, seconds, server, redis, redis_pid, options, seed):
     }
 
 
-def run_sweep(run, rates, options, server, redis):
+def wait_sink_connected(sweep):
+    """
+    Wait until the sink has received a record from this server, the
+    forwarded probe, so that the first step does not measure the TCP
+    connection to Fluentd. Raise BenchError after START_TIMEOUT.
+    """
+    sink, server = sweep.sink, sweep.server
+    first_count = sink.records()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        server.check_running()
+        traffic.send_traffic("127.0.0.1", server.port, 1, unique_ids=True, **sweep.helpers.probe_signing(sweep.variant))
+        time.sleep(0.2)
+        if sink.records() > first_count:
+            return
+    raise BenchError(f"the Fluentd sink received no record within {START_TIMEOUT:.0f} s; {server.log_tail()}")
+
+
+def counters_delta(before, after):
+    """Return the counters that changed between two reports, in report order."""
+    if before is None or after is None:
+        return None
+    return {name: value - before.get(name, 0) for name, value in after.items() if value != before.get(name, 0)}
+
+
+def run_sweep(sweep, rates, options):
     """Start the server, run every rate on it, stop it, and return the steps."""
+    server, variant = sweep.server, sweep.variant
+    # Another server (--server-command) may end on SIGUSR1, so only
+    # geotaxi's counters are read.
+    read_counters = not options.server_command
     steps = []
     try:
         server.start()
-        server.wait_ready(redis, expected_workers(options.server_args))
-        print(f"\nrun {run + 1}/{options.runs}: server PID {server.pid}, UDP port {server.port}, Redis port {redis.port}")
-        print(format_header())
+        server.wait_ready(sweep.redis, expected_workers(options.server_args), sweep.helpers.probe_signing(variant))
+        if sweep.sink:
+            wait_sink_connected(sweep)
+        counters_before = server.read_counters() if read_counters else None
+
+        print(
+            f"\nrun {sweep.run + 1}/{options.runs}, {variant.name}: server PID {server.pid}, "
+            f"UDP port {server.port}, Redis port {sweep.redis.port}"
+        )
+        columns = columns_of(variant)
+        print(format_header(columns))
         for index, rate in enumerate(rates):
-            step = run_step(rate, options.seconds, server, redis, redis.process.pid, options, seed=run * 1000 + index)
+            step = run_step(rate, sweep, options, seed=sweep.run * 1000 + index)
             steps.append(step)
-            print(format_row(step), flush=True)
+            print(format_row(step, columns), flush=True)
             if options.stop_at_loss and step["loss_percent"] > options.stop_at_loss:
                 print(f"loss above {options.stop_at_loss:g} %: higher rates skipped")
                 break
+
+        if read_counters:
+            sweep.counters = counters_delta(counters_before, server.read_counters())
+            if sweep.counters is not None:
+                changed = " ".join(f"{name}={value}" for name, value in sweep.counters.items())
+                print(f"server counters during the steps: {changed or 'none changed'}")
     finally:
         server.stop()
     return steps
@@ -349,15 +713,26 @@ COLUMNS = (
     ("drain s", "drain_seconds", "{:>7.1f}"),
 )
 
+# Shown after "delivered" and at the end of the row when Fluentd is on.
+FLUENT_RECORDS_COLUMN = ("fluent recs", "fluent_records", "{:>11.0f}")
+SINK_CPU_COLUMN = ("sink CPU %", "sink_cpu_percent", "{:>10.0f}")
 
-def format_header():
-    widths = [len(spec.format(0)) for _, _, spec in COLUMNS]
-    return "  ".join(f"{title:>{width}}" for (title, _, _), width in zip(COLUMNS, widths))
+
+def columns_of(variant):
+    """Return the table columns of ``variant``: the Fluentd ones only when it forwards."""
+    if not variant.fluent:
+        return COLUMNS
+    return COLUMNS[:3] + (FLUENT_RECORDS_COLUMN,) + COLUMNS[3:] + (SINK_CPU_COLUMN,)
 
 
-def format_row(step):
+def format_header(columns=COLUMNS):
+    widths = [len(spec.format(0)) for _, _, spec in columns]
+    return "  ".join(f"{title:>{width}}" for (title, _, _), width in zip(columns, widths))
+
+
+def format_row(step, columns=COLUMNS):
     cells = []
-    for _, key, spec in COLUMNS:
+    for _, key, spec in columns:
         value = step.get(key)
         cells.append(spec.format(value) if value is not None else f"{'-':>{len(spec.format(0))}}")
     row = "  ".join(cells)
@@ -390,17 +765,109 @@ def sender_short(step):
     return step["send_rate"] < 0.97 * step["offered_rate"]
 
 
+def no_loss(step):
+    """Tell whether a step lost less than 0.1 % at a rate the generator did send."""
+    return step["loss_percent"] < NO_LOSS_PERCENT and not sender_short(step)
+
+
 def highest_no_loss_rate(steps):
     """
     Return the highest offered rate stored with less than 0.1 % loss, among
     the steps where the generator did send that rate.
     """
-    rates = [
-        step["offered_rate"]
-        for step in steps
-        if step["loss_percent"] < NO_LOSS_PERCENT and not sender_short(step)
-    ]
+    rates = [step["offered_rate"] for step in steps if no_loss(step)]
     return max(rates) if rates else None
+
+
+def format_rate(rate):
+    return f"{rate:.0f}/s" if rate else "none of the offered rates"
+
+
+def print_medians(title, runs, columns):
+    """Print the median table of ``runs`` and its highest no-loss rate; return both."""
+    medians = median_steps(runs)
+    print(f"\n{title}:\n{format_header(columns)}")
+    for step in medians:
+        print(format_row(step, columns))
+    best = highest_no_loss_rate(medians)
+    print(f"highest no-loss rate (<{NO_LOSS_PERCENT:g} % loss): {format_rate(best)}")
+    return medians, best
+
+
+# Comparison of variants.
+
+
+def common_no_loss_rate(results):
+    """
+    Return the highest offered rate at which every run of every variant
+    lost less than 0.1 %, or None.
+    """
+    rates = None
+    for runs in results.values():
+        for steps in runs:
+            run_rates = {step["offered_rate"] for step in steps if no_loss(step)}
+            rates = run_rates if rates is None else rates & run_rates
+    return max(rates) if rates else None
+
+
+def median_us_per_position(runs, rate):
+    """Return the median server CPU µs per position at ``rate`` over the runs, or None."""
+    values = [
+        step["server_us_per_position"]
+        for steps in runs
+        for step in steps
+        if step["offered_rate"] == rate and step["server_us_per_position"] is not None
+    ]
+    return statistics.median(values) if values else None
+
+
+def compare_variants(results, cpu_rate):
+    """
+    Return one row per variant: the median over runs of each run's highest
+    no-loss rate (0 for a run without one), the median µs per position at
+    ``cpu_rate``, and both as ratios to the first variant, the baseline.
+    """
+    rows = []
+    for name, runs in results.items():
+        best_rates = [highest_no_loss_rate(steps) or 0 for steps in runs]
+        rows.append(
+            {
+                "variant": name,
+                "runs": len(runs),
+                "no_loss_rate": statistics.median(best_rates),
+                "us_per_position": median_us_per_position(runs, cpu_rate) if cpu_rate else None,
+            }
+        )
+
+    baseline = rows[0]
+    for row in rows:
+        for key in ("no_loss_rate", "us_per_position"):
+            reference = baseline[key]
+            row[f"{key}_ratio"] = row[key] / reference if reference and row[key] is not None else None
+    return rows
+
+
+def print_comparison(rows, cpu_rate, cpu_rate_is_common):
+    runs = rows[0]["runs"]
+    print(f"\ncomparison, median over {runs} run(s) of each variant, ratios to the baseline:")
+    if cpu_rate is None:
+        print("no offered rate was stored without loss by every run: CPU per position not compared")
+    elif not cpu_rate_is_common:
+        print(f"warning: some runs lost positions at {cpu_rate:.0f}/s, so their µs/pos there is not comparable")
+
+    cpu_title = f"µs/pos at {cpu_rate:.0f}/s" if cpu_rate else "µs/pos"
+    print(f"{'variant':<12}  {'no-loss rate':>12}  {'ratio':>5}  {cpu_title:>18}  {'ratio':>5}")
+    for row in rows:
+        rate = f"{row['no_loss_rate']:.0f}/s" if row["no_loss_rate"] else "none"
+        cpu = f"{row['us_per_position']:.1f}" if row["us_per_position"] is not None else "-"
+        print(
+            f"{row['variant']:<12}  {rate:>12}  {format_ratio(row['no_loss_rate_ratio'])}  "
+            f"{cpu:>18}  {format_ratio(row['us_per_position_ratio'])}"
+        )
+
+
+def format_ratio(ratio):
+    return f"{ratio:>5.2f}" if ratio is not None else f"{'-':>5}"
 
 
 # Command line.
@@ -436,6 +903,30 @@ def parse_arguments(argv=None):
             '"geotaxi -h 127.0.0.1 -p {port} --redis-port {redis_port} --disable-fluent"'
         ),
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="sign every datagram and run the server with --auth-enabled against an API stand-in (bench/users_api.py)",
+    )
+    parser.add_argument(
+        "--fluent",
+        action="store_true",
+        help="run the server with Fluentd forwarding to a sink that counts records (bench/fluent_sink.py)",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="VARIANTS",
+        help=(
+            "run the baseline and these variants (comma-separated: auth, fluent, auth+fluent) "
+            "in turn, run after run, and print their ratios to the baseline"
+        ),
+    )
+    parser.add_argument(
+        "--cpu-rate",
+        type=parse_rate,
+        help="offered rate at which --compare compares CPU per position (default: the highest rate no run lost at)",
+    )
+    parser.add_argument("--operators", type=int, default=DEFAULT_OPERATORS, help="operators served by the API stand-in")
     parser.add_argument("--sockets", type=int, default=16, help="source sockets of the generator, for SO_REUSEPORT workers")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the server to write its backlog")
     parser.add_argument(
@@ -461,25 +952,117 @@ def parse_arguments(argv=None):
         parser.error(f"invalid --sockets {args.sockets}: expected 1 to {traffic.MAX_SOCKETS}")
     if not 0 < args.drain_timeout <= 600:
         parser.error(f"invalid --drain-timeout {args.drain_timeout}: expected more than 0 and at most 600")
+    if not 1 <= args.operators <= MAX_OPERATORS:
+        parser.error(f"invalid --operators {args.operators}: expected 1 to {MAX_OPERATORS}")
     if args.server_command and "{port}" not in args.server_command:
         parser.error("--server-command needs a {port} placeholder for the UDP port the benchmark chose")
     args.server_args = shlex.split(args.server_args)
+
+    try:
+        args.variants = choose_variants(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.server_command and args.variants != [Variant()]:
+        # The benchmark cannot take --disable-fluent out of another server's
+        # command, so its Fluentd variant would measure the wrong thing.
+        parser.error("--auth, --fluent and --compare measure geotaxi only: leave out --server-command")
+    if args.cpu_rate and not args.compare:
+        parser.error("--cpu-rate applies to --compare only")
     return args
 
 
-def build_server_command(args, port, redis_port):
+def choose_variants(args):
+    """
+    Return the variants to run: the baseline and those of --compare, or the
+    one set by --auth and --fluent. Raise ValueError on a conflict.
+    """
+    if not args.compare:
+        return [Variant(auth=args.auth, fluent=args.fluent)]
+    if args.auth or args.fluent:
+        raise ValueError("--compare names its variants itself: leave out --auth and --fluent")
+
+    variants = [Variant()]
+    for item in args.compare.split(","):
+        variant = Variant.parse(item)
+        if variant not in variants:
+            variants.append(variant)
+    if len(variants) < 2:
+        raise ValueError(f"--compare {args.compare!r} names no variant besides the baseline: expected e.g. auth,fluent")
+    return variants
+
+
+def build_server_command(args, port, redis_port, variant_arguments):
     if args.server_command:
         return shlex.split(args.server_command.format(port=port, redis_port=redis_port)) + args.server_args
     return TWISTD + [
         "-n", "--pidfile=", "geotaxi",
         "--host", "127.0.0.1", "--port", str(port),
         "--redis-port", str(redis_port),
-        "--disable-fluent",
-    ] + args.server_args
+    ] + variant_arguments + args.server_args
 
 
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_all(args, redis, helpers, log_folder, results, counters):
+    """
+    Run ``args.runs`` sweeps of every variant, interleaved (baseline, auth,
+    fluent, baseline, ...) so that machine noise hits all variants alike.
+    Append the steps of each sweep to ``results[variant name]`` and its
+    counters to ``counters[variant name]`` as they complete.
+    """
+    for run in range(args.runs):
+        for variant in args.variants:
+            port = free_port(socket.SOCK_DGRAM)
+            command = build_server_command(args, port, redis.port, helpers.server_arguments(variant))
+            if run == 0:
+                print(f"\nserver, {variant.name}: " + shlex.join(command))
+            log_path = os.path.join(log_folder, f"server-{run + 1}-{variant.name}.log")
+            server = Server(command, port, log_path, helpers.server_environment(variant))
+            sweep = Sweep(run, variant, server, redis, helpers)
+            steps = run_sweep(sweep, args.rate_list, args)
+            results.setdefault(variant.name, []).append(steps)
+            counters.setdefault(variant.name, []).append(sweep.counters)
+
+
+def summarize(args, results, counters):
+    """Print the median table of each variant and, with --compare, the comparison; return the JSON document."""
+    document = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "seconds": args.seconds,
+        "variants": {},
+        "comparison": None,
+    }
+    variants = {variant.name: variant for variant in args.variants}
+    for name, runs in results.items():
+        if not any(runs):
+            continue
+        title = f"{name}, median of {len(runs)} runs" if len(runs) > 1 else f"{name}, result"
+        medians, best = print_medians(title, runs, columns_of(variants[name]))
+        document["variants"][name] = {
+            "server_command": shlex.join(build_server_command(args, 0, 0, [])),
+            "runs": runs,
+            "server_counters": counters.get(name),
+            "median": medians,
+            "highest_no_loss_rate": best,
+        }
+
+    complete = len(results) == len(args.variants) and all(len(runs) == len(results["baseline"]) for runs in results.values())
+    if args.compare and complete:
+        common_rate = common_no_loss_rate(results)
+        cpu_rate = args.cpu_rate or common_rate
+        cpu_rate_is_common = cpu_rate is not None and cpu_rate == common_rate
+        if args.cpu_rate and common_rate is not None:
+            cpu_rate_is_common = args.cpu_rate <= common_rate and all(
+                no_loss(step) for runs in results.values() for steps in runs for step in steps if step["offered_rate"] == args.cpu_rate
+            )
+        rows = compare_variants(results, cpu_rate)
+        print_comparison(rows, cpu_rate, cpu_rate_is_common)
+        document["comparison"] = {"cpu_rate": cpu_rate, "rows": rows}
+    return document
 
 
 def main(argv=None):
@@ -489,59 +1072,37 @@ def main(argv=None):
 
     log_folder = tempfile.mkdtemp(prefix="geotaxi-bench-")
     redis = RedisServer()
-    runs = []
+    helpers = Helpers(log_folder, args.operators)
+    results = {}
+    counters = {}
     failed = False
     try:
         redis.start()
         redis_version = redis.command("INFO", "server").split("redis_version:")[1].split()[0]
         print(f"Redis {redis_version} on port {redis.port}; {os.cpu_count()} CPUs; logs in {log_folder}")
-        print(f"{args.seconds:g} s per rate, new taxi id per datagram, {args.runs} run(s)")
-
-        for run in range(args.runs):
-            port = free_port(socket.SOCK_DGRAM)
-            command = build_server_command(args, port, redis.port)
-            if run == 0:
-                print("server: " + shlex.join(command))
-            log_path = os.path.join(log_folder, f"server-{run + 1}.log")
-            runs.append(run_sweep(run, args.rate_list, args, Server(command, port, log_path), redis))
+        variant_names = ", ".join(variant.name for variant in args.variants)
+        print(f"{args.seconds:g} s per rate, new taxi id per datagram, {args.runs} run(s) of {variant_names}")
+        helpers.start(args.variants)
+        run_all(args, redis, helpers, log_folder, results, counters)
     except BenchError as error:
         failed = True
         print(f"bench failed: {error}", file=sys.stderr)
     except KeyboardInterrupt:
         failed = True
-        print("interrupted: stopping the server and Redis", file=sys.stderr)
+        print("interrupted: stopping the server, its helpers and Redis", file=sys.stderr)
     finally:
+        helpers.stop()
         redis.cleanup()
 
-    if runs and any(runs):
-        medians = median_steps(runs)
-        title = f"median of {len(runs)} runs" if len(runs) > 1 else "result"
-        print(f"\n{title}:\n{format_header()}")
-        for step in medians:
-            print(format_row(step))
-        best = highest_no_loss_rate(medians)
-        print(f"highest no-loss rate (<{NO_LOSS_PERCENT:g} % loss): {f'{best:.0f}/s' if best else 'none of the offered rates'}")
-
-        if args.json:
+    if results:
+        document = summarize(args, results, counters)
+        if args.json and document["variants"]:
             with open(args.json, "w", encoding="utf-8") as json_file:
-                json.dump(
-                    {
-                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "cpus": os.cpu_count(),
-                        "python": sys.version.split()[0],
-                        "server_command": shlex.join(build_server_command(args, 0, 0)),
-                        "seconds": args.seconds,
-                        "runs": runs,
-                        "median": medians,
-                        "highest_no_loss_rate": best,
-                    },
-                    json_file,
-                    indent=2,
-                )
+                json.dump(document, json_file, indent=2)
             print(f"saved to {args.json}")
 
     if failed:
-        print(f"server logs kept in {log_folder}", file=sys.stderr)
+        print(f"server and helper logs kept in {log_folder}", file=sys.stderr)
         sys.exit(1)
     for name in os.listdir(log_folder):
         os.remove(os.path.join(log_folder, name))

@@ -135,7 +135,7 @@ def normalise(message):
         try:
             field, reason = schema.explain(message)
         except RecursionError:
-            # jsonschema's message holds repr() of the value, which recurses
+            # jsonschema's message contains repr() of the value, which recurses
             # on a value nested hundreds of levels deep.
             field, reason = "", "a value nested too deep to describe"
         value = message.get(field) if field and "." not in field else None

@@ -3,7 +3,7 @@ Command-line options of the twistd plugin and of the ``geotaxi`` command.
 
 They keep the earlier server's flags, short options and defaults. Every
 option can also come from an environment variable named after it in capitals
-with ``_`` for ``-`` (``REDIS_HOST`` for ``--redis-host``); the command line
+with ``_`` for ``-``: ``REDIS_HOST`` for ``--redis-host``. The command line
 wins over the environment.
 """
 

@@ -17,7 +17,7 @@ class OrderingFilter:
     nothing but its exact duplicate, so a device whose clock was fast and is
     then corrected is not stuck until the server clock catches up.
 
-    ``expire()`` forgets members whose newest timestamp is older than
+    ``expire()`` removes members whose newest timestamp is older than
     ``horizon`` seconds. Positions that old fail the timestamp window anyway,
     so memory is bounded by the number of taxis seen within the window.
     """

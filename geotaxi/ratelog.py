@@ -33,8 +33,8 @@ class RateLimitedLog:
     def warn(self, key, format, **fields):
         """
         Log ``format`` at warning level unless ``key`` is over its rate.
-        ``fields`` go to the event as named fields, and ``suppressed`` tells
-        how many lines of this key were held back since the last one written.
+        ``fields`` go to the event as named fields, and ``suppressed`` is
+        the number of lines of this key were held back since the last one written.
         """
         allowed, suppressed = self._allow(key)
         if not allowed:

@@ -28,7 +28,7 @@ class RedisLink:
     A txredisapi connection handler and the factory that keeps it connected.
 
     txredisapi commands wait for a connection forever while Redis is down, so
-    callers put their own timeout on every command; ``timeout`` also makes
+    callers put their own timeout on every command. ``timeout`` also makes
     txredisapi drop a connection whose replies stop coming.
 
     txredisapi 1.6 stops reconnecting for good when AUTH or SELECT fails on a

@@ -1,10 +1,11 @@
 """
 The JSON Schema of a position datagram, loaded once from the package.
 
-Two validators come from the one document: a fastjsonschema function compiled
-at import for the per-datagram check (a few microseconds), and a jsonschema
-validator that checks the document against its metaschema and explains a
-rejection for the log (tens of microseconds, so it runs only on rejects).
+Two validators come from the one document. A fastjsonschema function,
+compiled at import, checks each datagram in a few microseconds. A jsonschema
+validator checks the document against its metaschema and explains a
+rejection for the log; it takes tens of microseconds, so it runs only on
+rejected datagrams.
 """
 
 import json

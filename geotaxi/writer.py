@@ -2,10 +2,11 @@
 The Redis writer: a bounded backlog of accepted positions, written in
 batches by one Lua script call per round trip.
 
-Every accepted position ends in exactly one counter: ``written``,
-``superseded`` (a newer position of the same taxi and operator replaced it
-before it was written), ``queue_full``, ``redis_rejected`` (Redis refused
-that one write) or ``shutdown_dropped``; until then it is pending or in flight.
+Every accepted position ends in exactly one counter, and until then it is
+pending or in flight. ``written``: in Redis. ``superseded``: a newer position
+of the same taxi and operator replaced it before it was written.
+``queue_full``: the backlog was full. ``redis_rejected``: Redis refused that
+one write. ``shutdown_dropped``: still queued when the shutdown timeout ended.
 """
 
 from importlib import resources
@@ -27,7 +28,7 @@ class RedisWriter(service.Service):
     most ``max_in_flight`` batches waiting for a reply.
 
     The backlog keeps only the newest pending position of each member
-    (``<taxi>:<operator>``) and at most ``queue_size`` members; a new member
+    (``<taxi>:<operator>``) and at most ``queue_size`` members. A new member
     that finds it full is dropped and counted as ``queue_full``. A batch that
     fails or times out goes back to the backlog, behind any newer position of
     the same member, and the writer waits ``retry_interval`` seconds before
@@ -77,7 +78,7 @@ class RedisWriter(service.Service):
     @property
     def in_flight(self):
         """
-        The number of positions sent and not yet answered.
+        The number of positions sent whose reply has not come yet.
         """
         return self._in_flight_positions
 
