@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,8 +230,7 @@ class Helper:
                 continue
             chunk = os.read(stdout, 4096)
             if not chunk:
-                status = self.process.wait(timeout=STOP_TIMEOUT)
-                raise BenchError(f"the {self.name} exited with status {status}; see {self.log_path}")
+                raise BenchError(f"the {self.name} closed its output (exit status {self.process.poll()}); see {self.log_path}")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", errors="replace").strip()
@@ -503,14 +502,15 @@ class Server:
 
 @dataclass
 class Sweep:
-    """What one sweep measures: a variant, its server, Redis and the shared helpers."""
+    """The variant, server process, Redis and shared helpers of one sweep."""
 
     run: int
     variant: Variant
     server: Server
     redis: RedisServer
     helpers: Helpers
-    counters: dict = field(default_factory=dict)
+    # Server counters that changed during the steps; None when not read.
+    counters: dict = None
 
     @property
     def sink(self):
@@ -552,29 +552,31 @@ def wait_drained(redis, server, sent, timeout):
 
 def wait_forwarded(sink, server, first_count, sent, timeout):
     """
-    Wait until the sink stops receiving records: its count unchanged for
-    DRAIN_STABLE seconds, or ``sent`` records more than ``first_count``.
-    Return (records received since ``first_count``, monotonic time of the
-    last change seen).
+    Wait until the sink has ``sent`` records more than ``first_count``, or
+    its count stays unchanged for DRAIN_STABLE seconds. Return (records
+    received since ``first_count``, monotonic time of the last change seen,
+    or None when the count did not change after the first poll).
     """
-    last_count = sink.records()
-    last_change = time.monotonic()
-    deadline = last_change + timeout
-    while last_count - first_count < sent and time.monotonic() < deadline:
+    count = sink.records()
+    last_change = None
+    unchanged_since = time.monotonic()
+    deadline = unchanged_since + timeout
+    while count - first_count < sent:
+        now = time.monotonic()
+        if now - unchanged_since >= DRAIN_STABLE:
+            break
+        if now >= deadline:
+            print(f"warning: the Fluentd sink was still receiving after {timeout:.0f} s of drain", file=sys.stderr)
+            break
         # Each poll costs the sink a signal and a line on a pipe, so it
         # polls less often than Redis.
         time.sleep(2 * DRAIN_POLL)
         server.check_running()
-        count = sink.records()
-        now = time.monotonic()
-        if count != last_count:
-            last_count, last_change = count, now
-        elif now - last_change >= DRAIN_STABLE:
-            break
-    else:
-        if last_count - first_count < sent:
-            print(f"warning: the Fluentd sink was still receiving after {timeout:.0f} s of drain", file=sys.stderr)
-    return last_count - first_count, last_change
+        latest = sink.records()
+        if latest != count:
+            count = latest
+            last_change = unchanged_since = time.monotonic()
+    return count - first_count, last_change
 
 
 def run_step(rate, sweep, options, seed):
@@ -607,7 +609,10 @@ def run_step(rate, sweep, options, seed):
     forwarded = None
     if sink:
         forwarded, last_forward = wait_forwarded(sink, server, sink_records, report.sent, options.drain_timeout)
-        last_change = max(last_change, last_forward)
+        # Records that arrived before the Redis drain ended are already
+        # inside the busy time.
+        if last_forward is not None:
+            last_change = max(last_change, last_forward)
 
     # Busy time: from the first datagram to the last write or record seen,
     # and at least the sending time, so that CPU shares are not diluted by
@@ -783,31 +788,26 @@ def format_rate(rate):
     return f"{rate:.0f}/s" if rate else "none of the offered rates"
 
 
-def print_medians(title, runs, columns):
-    """Print the median table of ``runs`` and its highest no-loss rate; return both."""
-    medians = median_steps(runs)
+def print_medians(title, medians, columns):
+    """Print the median table of a variant and its highest no-loss rate."""
     print(f"\n{title}:\n{format_header(columns)}")
     for step in medians:
         print(format_row(step, columns))
     best = highest_no_loss_rate(medians)
     print(f"highest no-loss rate (<{NO_LOSS_PERCENT:g} % loss): {format_rate(best)}")
-    return medians, best
 
 
 # Comparison of variants.
 
 
-def common_no_loss_rate(results):
-    """
-    Return the highest offered rate at which every run of every variant
-    lost less than 0.1 %, or None.
-    """
+def rates_without_loss(results):
+    """Return the set of offered rates at which every run of every variant lost less than 0.1 %."""
     rates = None
     for runs in results.values():
         for steps in runs:
             run_rates = {step["offered_rate"] for step in steps if no_loss(step)}
             rates = run_rates if rates is None else rates & run_rates
-    return max(rates) if rates else None
+    return rates or set()
 
 
 def median_us_per_position(runs, rate):
@@ -847,12 +847,12 @@ def compare_variants(results, cpu_rate):
     return rows
 
 
-def print_comparison(rows, cpu_rate, cpu_rate_is_common):
+def print_comparison(rows, cpu_rate, comparable):
     runs = rows[0]["runs"]
     print(f"\ncomparison, median over {runs} run(s) of each variant, ratios to the baseline:")
     if cpu_rate is None:
         print("no offered rate was stored without loss by every run: CPU per position not compared")
-    elif not cpu_rate_is_common:
+    elif not comparable:
         print(f"warning: some runs lost positions at {cpu_rate:.0f}/s, so their µs/pos there is not comparable")
 
     cpu_title = f"µs/pos at {cpu_rate:.0f}/s" if cpu_rate else "µs/pos"
@@ -935,7 +935,7 @@ def parse_arguments(argv=None):
         default=50.0,
         help="skip the higher rates of a run once a step loses more than this percentage (0: never)",
     )
-    parser.add_argument("--json", metavar="FILE", help="also save every step and the medians to this JSON file")
+    parser.add_argument("--json", metavar="FILE", help="also save every step, the medians, the server counters and the comparison to this JSON file")
     args = parser.parse_args(argv)
 
     try:
@@ -1005,29 +1005,33 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_all(args, redis, helpers, log_folder, results, counters):
+def run_all(args, redis, helpers, log_folder, records):
     """
     Run ``args.runs`` sweeps of every variant, interleaved (baseline, auth,
     fluent, baseline, ...) so that machine noise hits all variants alike.
-    Append the steps of each sweep to ``results[variant name]`` and its
-    counters to ``counters[variant name]`` as they complete.
+    Add each variant's server command, and the steps and server counters of
+    each sweep as it completes, to ``records[variant name]``.
     """
     for run in range(args.runs):
         for variant in args.variants:
             port = free_port(socket.SOCK_DGRAM)
             command = build_server_command(args, port, redis.port, helpers.server_arguments(variant))
+            record = records.setdefault(variant.name, {"server_command": shlex.join(command), "runs": [], "server_counters": []})
             if run == 0:
-                print(f"\nserver, {variant.name}: " + shlex.join(command))
+                print(f"\nserver, {variant.name}: {record['server_command']}")
+
             log_path = os.path.join(log_folder, f"server-{run + 1}-{variant.name}.log")
             server = Server(command, port, log_path, helpers.server_environment(variant))
             sweep = Sweep(run, variant, server, redis, helpers)
-            steps = run_sweep(sweep, args.rate_list, args)
-            results.setdefault(variant.name, []).append(steps)
-            counters.setdefault(variant.name, []).append(sweep.counters)
+            record["runs"].append(run_sweep(sweep, args.rate_list, args))
+            record["server_counters"].append(sweep.counters)
 
 
-def summarize(args, results, counters):
-    """Print the median table of each variant and, with --compare, the comparison; return the JSON document."""
+def summarize(args, records):
+    """
+    Print the median table of each variant and, with --compare, the
+    comparison. Return the document that --json saves.
+    """
     document = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),
@@ -1036,31 +1040,31 @@ def summarize(args, results, counters):
         "variants": {},
         "comparison": None,
     }
-    variants = {variant.name: variant for variant in args.variants}
-    for name, runs in results.items():
-        if not any(runs):
+    for variant in args.variants:
+        record = records.get(variant.name)
+        if record is None or not any(record["runs"]):
             continue
-        title = f"{name}, median of {len(runs)} runs" if len(runs) > 1 else f"{name}, result"
-        medians, best = print_medians(title, runs, columns_of(variants[name]))
-        document["variants"][name] = {
-            "server_command": shlex.join(build_server_command(args, 0, 0, [])),
-            "runs": runs,
-            "server_counters": counters.get(name),
-            "median": medians,
-            "highest_no_loss_rate": best,
-        }
+        runs = record["runs"]
+        record["median"] = median_steps(runs)
+        record["highest_no_loss_rate"] = highest_no_loss_rate(record["median"])
+        document["variants"][variant.name] = record
 
-    complete = len(results) == len(args.variants) and all(len(runs) == len(results["baseline"]) for runs in results.values())
-    if args.compare and complete:
-        common_rate = common_no_loss_rate(results)
-        cpu_rate = args.cpu_rate or common_rate
-        cpu_rate_is_common = cpu_rate is not None and cpu_rate == common_rate
-        if args.cpu_rate and common_rate is not None:
-            cpu_rate_is_common = args.cpu_rate <= common_rate and all(
-                no_loss(step) for runs in results.values() for steps in runs for step in steps if step["offered_rate"] == args.cpu_rate
-            )
+        # With --compare and one run, each table would repeat the run's own.
+        if len(runs) > 1:
+            print_medians(f"{variant.name}, median of {len(runs)} runs", record["median"], columns_of(variant))
+        elif not args.compare:
+            print_medians(f"{variant.name}, result", record["median"], columns_of(variant))
+
+    # Ratios need as many runs of every variant as of the baseline, which an
+    # interrupted benchmark may not have.
+    run_counts = {len(records.get(variant.name, {}).get("runs", [])) for variant in args.variants}
+    if args.compare and run_counts != {0} and len(run_counts) == 1:
+        # The baseline comes first: compare_variants() divides by its figures.
+        results = {variant.name: records[variant.name]["runs"] for variant in args.variants}
+        lossless = rates_without_loss(results)
+        cpu_rate = args.cpu_rate or (max(lossless) if lossless else None)
         rows = compare_variants(results, cpu_rate)
-        print_comparison(rows, cpu_rate, cpu_rate_is_common)
+        print_comparison(rows, cpu_rate, cpu_rate in lossless)
         document["comparison"] = {"cpu_rate": cpu_rate, "rows": rows}
     return document
 
@@ -1073,8 +1077,7 @@ def main(argv=None):
     log_folder = tempfile.mkdtemp(prefix="geotaxi-bench-")
     redis = RedisServer()
     helpers = Helpers(log_folder, args.operators)
-    results = {}
-    counters = {}
+    records = {}
     failed = False
     try:
         redis.start()
@@ -1083,7 +1086,7 @@ def main(argv=None):
         variant_names = ", ".join(variant.name for variant in args.variants)
         print(f"{args.seconds:g} s per rate, new taxi id per datagram, {args.runs} run(s) of {variant_names}")
         helpers.start(args.variants)
-        run_all(args, redis, helpers, log_folder, results, counters)
+        run_all(args, redis, helpers, log_folder, records)
     except BenchError as error:
         failed = True
         print(f"bench failed: {error}", file=sys.stderr)
@@ -1094,8 +1097,8 @@ def main(argv=None):
         helpers.stop()
         redis.cleanup()
 
-    if results:
-        document = summarize(args, results, counters)
+    if records:
+        document = summarize(args, records)
         if args.json and document["variants"]:
             with open(args.json, "w", encoding="utf-8") as json_file:
                 json.dump(document, json_file, indent=2)
