@@ -112,14 +112,14 @@ class PositionProtocol(DatagramProtocol):
         if data[:3] == datagram.BOM:
             data = data[3:]
         try:
-            texts = signature.field_texts(data, position.message)
+            valid = signature.check(data, position, key)
         except ValueError as error:
             # orjson parses 1024 levels of nesting, the stdlib parser that
             # keeps the text of numbers stops a little earlier.
             self.reject("invalid_json", address, f"not JSON for the signature check: {error}")
             return
 
-        if signature.verify(texts, key, position.hash):
+        if valid:
             self.accept(position)
             return
 

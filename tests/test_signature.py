@@ -9,6 +9,7 @@ import json
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
+from geotaxi import datagram, signature
 from geotaxi.signature import SIGNED_FIELDS, compute_signature, field_texts, verify
 
 KEY = "operator-api-key"
@@ -244,3 +245,52 @@ class SignatureTests(SynchronousTestCase):
         texts = texts_of(datagram_with())
 
         self.assertFalse(verify(texts, KEY, signature_with("48.856613", "2.352222", timestamp="1733318400.0")))
+
+
+class CheckTests(SynchronousTestCase):
+    """
+    signature.check on parsed positions: the form that needs no reparse is
+    tried first, then the fields as written.
+    """
+
+    def check(self, data):
+        return signature.check(data, datagram.parse(data), KEY)
+
+    def message(self, texts, **overrides):
+        fields = {
+            "timestamp": 1733318400, "operator": "op@example.org", "taxi": "taxi-1",
+            "lat": 48.85, "lon": 2.35, "device": "phone", "status": "free", "version": 2,
+        }
+        fields.update(overrides)
+        signed = {name: str(fields[name]) for name in SIGNED_FIELDS}
+        signed.update(texts)
+        fields["hash"] = sha1_of(*(signed[name] for name in SIGNED_FIELDS), KEY)
+        return fields
+
+    def test_shortest_numbers(self):
+        """
+        Coordinates sent as JSON numbers in their shortest form match.
+        """
+        self.assertTrue(self.check(orjson.dumps(self.message({}))))
+
+    def test_numbers_as_written(self):
+        """
+        Coordinates written with trailing zeros match when signed as written.
+        """
+        data = orjson.dumps(self.message({"lat": "48.850"})).replace(b"48.85", b"48.850")
+        self.assertTrue(self.check(data))
+
+    def test_float_timestamp_as_written(self):
+        """
+        A timestamp sent as a JSON float is signed as written.
+        """
+        data = orjson.dumps(self.message({"timestamp": "1733318400.50"}, timestamp=1733318400.5))
+        data = data.replace(b"1733318400.5", b"1733318400.50")
+        self.assertTrue(self.check(data))
+
+    def test_wrong_key(self):
+        """
+        A hash made with another key does not match.
+        """
+        data = orjson.dumps(self.message({}))
+        self.assertFalse(signature.check(data, datagram.parse(data), "other-key"))
