@@ -10,6 +10,8 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger
 
+from geotaxi.netstat import socket_drops
+
 log = Logger()
 
 # Read with a buffer larger than any datagram, so that an oversized datagram
@@ -76,8 +78,6 @@ class UDPListener(service.Service):
         self._drops_loop.start(self.drops_interval, now=False)
 
     def _read_drops(self):
-        from geotaxi.netstat import socket_drops
-
         try:
             return socket_drops(inode=self._inode)
         except OSError:
