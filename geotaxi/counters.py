@@ -34,6 +34,7 @@ OTHER_COUNTERS = (
     "apikey_reload_errors",
     "fluent_sent",
     "fluent_dropped",
+    "fluent_resent",
     "fluent_errors",
     "kernel_drops",
 )

@@ -27,9 +27,36 @@ Design:
   example when Fluentd accepts but does not read. Records then wait in the
   deque, so memory stays bounded.
 - A ``ClientService`` reconnects with exponential backoff.
+
+Acknowledgements, when ``require_ack_response`` is set (off by default,
+because some receivers never send them):
+
+- Each frame gets a third element, the options map
+  ``{"chunk": id, "size": count}``, where ``id`` is the base64 of 16 random
+  bytes, as the Forward Protocol Specification v1 describes. Fluentd's
+  in_forward replies ``{"ack": id}`` after it has passed the frame's events
+  to its router (lib/fluent/plugin/in_forward.rb in Fluentd v1).
+- A record counts as ``fluent_sent`` only when the ack of its frame arrives.
+  At most ``max_unacked_frames`` frames wait for an ack. Beyond that, records
+  wait in the deque and overflow as above.
+- When the connection is lost, the records of the frames not acknowledged
+  go back to the head of the deque in their original order, as many as fit,
+  and are sent again after the reconnection. Those that do not fit are
+  counted as ``fluent_dropped``, and those sent again as ``fluent_resent``.
+  Delivery is at least once: Fluentd gets a record twice when it stored a
+  frame whose ack never arrived.
+- When a frame has not been acknowledged ``ack_timeout`` seconds after it
+  was written, the forwarder aborts the connection, which sends its records
+  again as above.
+
+NOTE: in_forward drops a frame larger than its ``chunk_size_limit`` without
+an ack. Its records would then be sent again at every ack timeout and never
+counted as sent, so ``batch_size`` must keep frames under that limit.
 """
 
+import base64
 import collections
+import os
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -61,17 +88,37 @@ TRANSPORT_BUFFER_SIZE = 1024 * 1024
 # large backlog after a reconnection does not hold the reactor for long.
 MAX_FRAMES_PER_FLUSH = 16
 
+# Frames that may wait for an ack, and seconds to wait for each. With frames
+# of up to DEFAULT_BATCH_SIZE records, 8 frames let through at most 8,000
+# records per round trip to Fluentd. Fluentd's out_forward waits 190 s by
+# default (ack_response_timeout), a bound sized for TCP connect retries. The
+# timeout here starts once the connection is up, and in_forward acks as soon
+# as it has handled a frame, so waiting 30 s means that Fluentd is stuck or
+# does not read.
+DEFAULT_MAX_UNACKED_FRAMES = 8
+DEFAULT_ACK_TIMEOUT = 30.0
+
+# Bytes of undecoded responses a connection may hold. An ack is about 40
+# bytes, so a longer response means that the peer is not a Forward server.
+MAX_RESPONSE_BUFFER_SIZE = 64 * 1024
+
+# A frame written with a chunk option: its packed entries, kept to be sent
+# again if the connection is lost, and the reactor time it was written.
+_UnackedFrame = collections.namedtuple("_UnackedFrame", ["entries", "written_at"])
+
 
 class FluentForwarder(Service):
     """
     Send records to one Fluentd in Forward mode, buffering a bounded number of
     them while Fluentd is unreachable or slow.
 
-    Counters: ``fluent_sent`` counts records written to the TCP transport,
-    ``fluent_dropped`` records dropped because the buffer was full, emitted
-    after the service stopped, or still unsent when shutdown ended, and
-    ``fluent_errors`` failed connection attempts and connections lost while
-    running.
+    Counters: ``fluent_sent`` counts records written to the TCP transport, or
+    with ``require_ack_response`` records whose frame Fluentd acknowledged.
+    ``fluent_dropped`` counts records dropped because the buffer was full,
+    emitted after the service stopped, or neither sent nor acknowledged when
+    shutdown ended. ``fluent_errors`` counts failed connection attempts and
+    connections lost or aborted while running. ``fluent_resent`` counts
+    records written again after a connection was lost before their ack.
     """
 
     name = "fluent"
@@ -91,6 +138,9 @@ class FluentForwarder(Service):
         connect_timeout=5.0,
         retry_policy=None,
         endpoint=None,
+        require_ack_response=False,
+        max_unacked_frames=DEFAULT_MAX_UNACKED_FRAMES,
+        ack_timeout=DEFAULT_ACK_TIMEOUT,
     ):
         """
         Prepare the forwarder. Nothing connects before ``startService()``.
@@ -102,11 +152,22 @@ class FluentForwarder(Service):
         ``retry_policy`` maps the number of failed attempts in a row to the
         delay in seconds before the next one. ``endpoint`` replaces the TCP
         endpoint built from ``host`` and ``port`` (tests use it).
+
+        ``require_ack_response`` requests an ack of every frame, as Fluentd's
+        out_forward option of that name does. Then at most
+        ``max_unacked_frames`` frames wait for an ack, so up to
+        ``max_unacked_frames * batch_size`` records are held in memory on top
+        of ``max_buffer``. ``ack_timeout`` is the number of seconds after
+        which a frame without an ack makes the forwarder reconnect.
         """
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be at least 1, got {max_buffer!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+        if max_unacked_frames < 1:
+            raise ValueError(f"max_unacked_frames must be at least 1, got {max_unacked_frames!r}")
+        if not ack_timeout > 0:
+            raise ValueError(f"ack_timeout must be above 0 seconds, got {ack_timeout!r}")
 
         self.host = host
         self.port = port
@@ -115,6 +176,9 @@ class FluentForwarder(Service):
         self.shutdown_timeout = shutdown_timeout
         self.batch_size = batch_size
         self.nanosecond_precision = nanosecond_precision
+        self.require_ack_response = require_ack_response
+        self.max_unacked_frames = max_unacked_frames
+        self.ack_timeout = ack_timeout
         self._counters = counters
         self._reactor = reactor
         self._seconds = reactor.seconds
@@ -129,6 +193,17 @@ class FluentForwarder(Service):
         # an overflow logs one line when it starts and one when it ends.
         self._overflow_dropped = 0
 
+        # Frames written on the current connection and not yet acknowledged,
+        # by chunk id in the order written, and their total record count.
+        # Both stay empty unless require_ack_response is set.
+        self._unacked = {}
+        self._unacked_records = 0
+        self._ack_timer = None
+
+        # Number of records at the head of _pending that were put back after
+        # a lost connection, so that writing them counts as fluent_resent.
+        self._requeued = 0
+
         self._protocol = None
         self._paused = False
         self._closing = False
@@ -140,6 +215,7 @@ class FluentForwarder(Service):
         self._packer = msgpack.Packer()
         self._pack_entry = msgpack.Packer().pack
         self._frame_start = self._packer.pack_array_header(2) + self._packer.pack(tag)
+        self._acked_frame_start = self._packer.pack_array_header(3) + self._packer.pack(tag)
 
         if endpoint is None:
             endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
@@ -168,6 +244,14 @@ class FluentForwarder(Service):
         Number of records waiting to be written.
         """
         return len(self._pending)
+
+    @property
+    def unacked(self):
+        """
+        Number of records written and waiting for Fluentd's ack, always 0
+        unless ``require_ack_response`` is set.
+        """
+        return self._unacked_records
 
     def emit(self, record):
         """
@@ -201,16 +285,19 @@ class FluentForwarder(Service):
         self._overflow_dropped = 0
         self._closing = False
         self.log.info(
-            "Forwarding records to Fluentd at {host}:{port} with tag {tag}",
+            "Forwarding records to Fluentd at {host}:{port} with tag {tag}"
+            " (acks requested: {require_ack_response})",
             host=self.host,
             port=self.port,
             tag=self.tag,
+            require_ack_response=self.require_ack_response,
         )
         self._client.startService()
 
     def stopService(self):
         """
-        Flush the buffered records, then close the connection. Give up after
+        Flush the buffered records and, with ``require_ack_response``, wait
+        for their acks, then close the connection. Give up after
         ``shutdown_timeout`` seconds and count what is left as dropped.
         Returns a Deferred that never fails.
         """
@@ -229,10 +316,11 @@ class FluentForwarder(Service):
             self.log.warn("Dropping records emitted after the Fluentd forwarder stopped")
         elif self._overflow_dropped == 0:
             self.log.warn(
-                "Fluentd buffer is full at {max_buffer} records (connected: {connected}),"
-                " so new records are dropped until it has room",
+                "Fluentd buffer is full at {max_buffer} records (connected: {connected},"
+                " awaiting an ack: {unacked}), so new records are dropped until it has room",
                 max_buffer=self.max_buffer,
                 connected=self.connected,
+                unacked=self._unacked_records,
             )
         self._overflow_dropped += 1
 
@@ -243,28 +331,28 @@ class FluentForwarder(Service):
     def _flush(self):
         """
         Write buffered records as Forward-mode frames until the buffer is
-        empty, the transport pauses us or this turn's frame limit is reached.
+        empty, the transport pauses us, the frames awaiting an ack reach
+        their limit or this turn's frame limit is reached.
         """
         self._flush_call = None
         pending = self._pending
-        pack_array_header = self._packer.pack_array_header
         popleft = pending.popleft
         frames = 0
 
         while pending and self._writable() and frames < MAX_FRAMES_PER_FLUSH:
             count = min(len(pending), self.batch_size)
-            entries = b"".join([popleft() for _ in range(count)])
+            entries = [popleft() for _ in range(count)]
+            if self._requeued:
+                resent = min(count, self._requeued)
+                self._requeued -= resent
+                self._counters["fluent_resent"] += resent
 
-            # The same bytes as packing [tag, [entry, ...]] whole, since each
-            # entry is already packed. write() may call pauseProducing()
-            # before it returns, which ends this loop.
-            frame = self._frame_start + pack_array_header(count) + entries
-            self._protocol.transport.write(frame)
-
-            # NOTE: "sent" means handed to the transport. Records still in
-            # its buffer or in the kernel's are lost uncounted if the
-            # connection breaks, because Fluentd acks are not requested.
-            self._counters["fluent_sent"] += count
+            # write() may call pauseProducing() before it returns, which ends
+            # this loop.
+            if self.require_ack_response:
+                self._write_frame_with_chunk(entries)
+            else:
+                self._write_frame(entries)
             frames += 1
 
         if self._overflow_dropped and len(pending) < self._capacity:
@@ -275,16 +363,58 @@ class FluentForwarder(Service):
             self._overflow_dropped = 0
 
         if not pending:
-            self._notify_drained()
+            if not self._unacked:
+                self._notify_drained()
         elif self._writable():
             self._schedule_flush()
 
+    def _write_frame(self, entries):
+        # The same bytes as packing [tag, [entry, ...]] whole, since each
+        # entry is already packed.
+        count = len(entries)
+        frame = self._frame_start + self._packer.pack_array_header(count) + b"".join(entries)
+        self._protocol.transport.write(frame)
+
+        # NOTE: without require_ack_response, "sent" means handed to the
+        # transport. Records still in its buffer or in the kernel's are lost
+        # uncounted if the connection breaks.
+        self._counters["fluent_sent"] += count
+
+    def _write_frame_with_chunk(self, entries):
+        """
+        Write ``[tag, [entry, ...], {"chunk": id, "size": count}]`` and keep
+        the entries until Fluentd acknowledges ``id``.
+        """
+        count = len(entries)
+        chunk = base64.b64encode(os.urandom(16)).decode("ascii")
+
+        # Recorded before write(), so that the frame is known to whatever
+        # write() triggers.
+        self._unacked[chunk] = _UnackedFrame(entries, self._seconds())
+        self._unacked_records += count
+        if self._ack_timer is None:
+            self._ack_timer = self._reactor.callLater(self.ack_timeout, self._check_ack_timeout)
+
+        packer = self._packer
+        frame = b"".join([
+            self._acked_frame_start,
+            packer.pack_array_header(count),
+            *entries,
+            packer.pack({"chunk": chunk, "size": count}),
+        ])
+        self._protocol.transport.write(frame)
+
     def _writable(self):
-        return self._protocol is not None and not self._paused and not self._closing
+        return (
+            self._protocol is not None
+            and not self._paused
+            and not self._closing
+            and len(self._unacked) < self.max_unacked_frames
+        )
 
     def _wait_for_drain(self):
         waiter = Deferred()
-        if self._pending:
+        if self._pending or self._unacked:
             self._drain_waiters.append(waiter)
         else:
             waiter.callback(None)
@@ -311,11 +441,12 @@ class FluentForwarder(Service):
         self._shutdown_call = None
         self.log.warn(
             "Flushing Fluentd at {host}:{port} timed out after {timeout} s,"
-            " dropping {count} unsent records",
+            " dropping {count} unsent records and {unacked} records awaiting an ack",
             host=self.host,
             port=self.port,
             timeout=self.shutdown_timeout,
             count=len(self._pending),
+            unacked=self._unacked_records,
         )
 
         # Stop waiting for the buffer to drain, then drop the connection and
@@ -335,17 +466,24 @@ class FluentForwarder(Service):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._cancel_ack_timer()
 
         unsent = len(self._pending)
+        unacked = self._unacked_records
         self._pending.clear()
+        self._requeued = 0
+        self._unacked.clear()
+        self._unacked_records = 0
         self._capacity = 0
-        if unsent:
-            self._counters["fluent_dropped"] += unsent
+        if unsent or unacked:
+            self._counters["fluent_dropped"] += unsent + unacked
         self.log.info(
-            "Stopped forwarding to Fluentd at {host}:{port} after dropping {unsent} unsent records",
+            "Stopped forwarding to Fluentd at {host}:{port} after dropping {unsent} unsent records"
+            " and {unacked} records awaiting an ack",
             host=self.host,
             port=self.port,
             unsent=unsent,
+            unacked=unacked,
         )
 
     def _connection_made(self, protocol):
@@ -360,11 +498,12 @@ class FluentForwarder(Service):
         self._schedule_flush()
 
     def _connection_lost(self, protocol, reason):
+        # A connection that _abort() already detached was counted there.
         if protocol is not self._protocol:
             return
-        self._protocol = None
-        self._paused = False
-        if self._closing:
+        closing = self._closing
+        self._detach()
+        if closing:
             return
         self._counters["fluent_errors"] += 1
         self.log.warn(
@@ -373,6 +512,7 @@ class FluentForwarder(Service):
             port=self.port,
             error=reason.getErrorMessage(),
         )
+        self._requeue_unacked()
 
     def _connection_failed(self, failure):
         # A cancelled attempt is our own shutdown, not a failure of Fluentd.
@@ -388,6 +528,121 @@ class FluentForwarder(Service):
             count=len(self._pending),
         )
         return failure
+
+    def _detach(self):
+        """
+        Forget the current connection. Its frames awaiting an ack stay in
+        ``_unacked`` for _requeue_unacked() or _finish_stop().
+        """
+        self._protocol = None
+        self._paused = False
+        self._cancel_ack_timer()
+
+    def _abort(self):
+        """
+        Drop the current connection at once, then send again the records it
+        left unacknowledged once ClientService has reconnected.
+        """
+        protocol = self._protocol
+        closing = self._closing
+        self._detach()
+        protocol.transport.abortConnection()
+        if not closing:
+            self._counters["fluent_errors"] += 1
+            self._requeue_unacked()
+
+    def _requeue_unacked(self):
+        """
+        Put the records of the frames awaiting an ack back at the head of the
+        buffer in their original order, oldest first as far as there is
+        room, and count the rest as dropped.
+        """
+        if not self._unacked:
+            return
+        entries = [entry for frame in self._unacked.values() for entry in frame.entries]
+        self._unacked.clear()
+        self._unacked_records = 0
+
+        room = max(0, self._capacity - len(self._pending))
+        kept = entries[:room]
+        dropped = len(entries) - len(kept)
+        self._pending.extendleft(reversed(kept))
+        self._requeued += len(kept)
+        if dropped:
+            self._counters["fluent_dropped"] += dropped
+        self.log.warn(
+            "Queued {count} records that Fluentd at {host}:{port} did not acknowledge"
+            " to be sent again after reconnecting, and dropped {dropped} that did not fit in the buffer",
+            host=self.host,
+            port=self.port,
+            count=len(kept),
+            dropped=dropped,
+        )
+
+    def _ack_received(self, protocol, response):
+        """
+        Count the records of the frame that ``response`` acknowledges as sent.
+        Ignore any other response, and acks of unknown chunk ids.
+        """
+        if protocol is not self._protocol or not isinstance(response, dict):
+            return
+        chunk = response.get("ack")
+        if not isinstance(chunk, str):
+            return
+        frame = self._unacked.pop(chunk, None)
+        if frame is None:
+            return
+
+        count = len(frame.entries)
+        self._unacked_records -= count
+        self._counters["fluent_sent"] += count
+        if not self._unacked:
+            self._cancel_ack_timer()
+            if not self._pending:
+                self._notify_drained()
+        self._schedule_flush()
+
+    def _invalid_response(self, protocol, error):
+        if protocol is not self._protocol:
+            return
+        self.log.warn(
+            "Invalid response from Fluentd at {host}:{port},"
+            " dropping the connection and reconnecting: {error}",
+            host=self.host,
+            port=self.port,
+            error=error,
+        )
+        self._abort()
+
+    def _check_ack_timeout(self):
+        """
+        Abort the connection if its oldest frame has waited ``ack_timeout``
+        seconds for an ack, or check again when it will have.
+        """
+        self._ack_timer = None
+        if not self._unacked or self._protocol is None:
+            return
+        oldest = next(iter(self._unacked.values()))
+        waited = self._seconds() - oldest.written_at
+        if waited < self.ack_timeout:
+            self._ack_timer = self._reactor.callLater(self.ack_timeout - waited, self._check_ack_timeout)
+            return
+
+        self.log.warn(
+            "No ack from Fluentd at {host}:{port} within {timeout} s for a frame of {count}"
+            " records, dropping the connection to send {unacked} records again",
+            host=self.host,
+            port=self.port,
+            timeout=self.ack_timeout,
+            count=len(oldest.entries),
+            unacked=self._unacked_records,
+        )
+        self._abort()
+
+    def _cancel_ack_timer(self):
+        if self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
+        self._ack_timer = None
 
     def _pause(self):
         self._paused = True
@@ -406,6 +661,9 @@ class _ForwardProtocol(Protocol):
 
     def __init__(self, forwarder):
         self._forwarder = forwarder
+        self._unpacker = None
+        if forwarder.require_ack_response:
+            self._unpacker = msgpack.Unpacker(max_buffer_size=MAX_RESPONSE_BUFFER_SIZE)
 
     def connectionMade(self):
         # Frames are written whole once per reactor turn, so Nagle's delay
@@ -426,8 +684,29 @@ class _ForwardProtocol(Protocol):
         self._forwarder._connection_made(self)
 
     def dataReceived(self, data):
-        # Fluentd only replies with acks, which this client never requests.
-        pass
+        """
+        Decode Fluentd's ack responses. Without require_ack_response, Fluentd
+        sends nothing, and any data is ignored.
+        """
+        if self._unpacker is None:
+            return
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull as error:
+            self._forwarder._invalid_response(self, error)
+            return
+
+        # Each step consumes bytes of the buffer, so the loop ends. The acks
+        # decoded before an invalid object still count.
+        while True:
+            try:
+                response = next(self._unpacker)
+            except StopIteration:
+                return
+            except (ValueError, msgpack.UnpackException) as error:
+                self._forwarder._invalid_response(self, error)
+                return
+            self._forwarder._ack_received(self, response)
 
     def connectionLost(self, reason):
         self._forwarder._connection_lost(self, reason)

@@ -89,6 +89,7 @@ class Options(usage.Options):
     optFlags = [
         ["verbose", "v", "Log every accepted position (debug level)."],
         ["disable-fluent", None, "Do not forward positions to Fluentd."],
+        ["fluent-ack", None, "Request an ack of each frame from Fluentd, count records as sent only once acknowledged, and send unacknowledged ones again after reconnecting (Fluentd may get duplicates)."],
         ["auth-enabled", None, "Check each datagram's signature with its operator's API key (needs API_KEY)."],
     ]
 

@@ -119,6 +119,7 @@ def makeService(config, reactor=None, handle_signals=True):
             reactor,
             max_buffer=config["fluent-buffer"],
             shutdown_timeout=config["shutdown-timeout"],
+            require_ack_response=bool(config["fluent-ack"]),
         )
         top.fluent.setServiceParent(top)
 

@@ -41,8 +41,10 @@ class ForwardProtocol(Protocol):
     def __init__(self, receiver):
         self._receiver = receiver
         self._unpacker = new_unpacker()
+        self.aborted = False
 
     def connectionMade(self):
+        self._receiver.accepted += 1
         self._receiver.connections.append(self)
         if not self._receiver.reading:
             self.transport.pauseProducing()
@@ -50,6 +52,10 @@ class ForwardProtocol(Protocol):
     def dataReceived(self, data):
         self._unpacker.feed(data)
         for frame in self._unpacker:
+            # Frames that follow an abort in the same read are lost, as they
+            # would be in the kernel's buffer.
+            if self.aborted:
+                return
             self._receiver.handle_frame(frame, self)
 
     def connectionLost(self, reason):
@@ -64,6 +70,13 @@ class ForwardReceiver:
     ``stop()`` and ``start()`` may alternate to simulate an outage on the same
     port, and ``pause_reading()`` simulates a Fluentd that accepts but never
     reads.
+
+    ``send_acks`` set to False simulates a receiver that ignores the chunk
+    option. ``drop_after`` set to N makes the receiver abort the connection
+    once N events have arrived in all, after storing the events of the frame
+    that reached N and without acknowledging it. It then returns to None, so
+    the receiver drops one connection. ``accepted`` counts the connections
+    accepted since the receiver was created.
     """
 
     def __init__(self, reactor, port=0):
@@ -72,7 +85,10 @@ class ForwardReceiver:
         self.events = []
         self.frames = 0
         self.connections = []
+        self.accepted = 0
         self.reading = True
+        self.send_acks = True
+        self.drop_after = None
         self.errors = []
         self._listening = None
         self._waiters = []
@@ -133,8 +149,15 @@ class ForwardReceiver:
         for time, record in events:
             self.events.append((tag, time, record))
 
+        if self.drop_after is not None and len(self.events) >= self.drop_after:
+            self.drop_after = None
+            connection.aborted = True
+            connection.transport.abortConnection()
+            self._fire_waiters()
+            return
+
         # Fluentd replies to a "chunk" option with an ack of the same id.
-        if isinstance(options, dict) and "chunk" in options:
+        if self.send_acks and isinstance(options, dict) and "chunk" in options:
             connection.transport.write(msgpack.packb({"ack": options["chunk"]}))
 
         self._fire_waiters()

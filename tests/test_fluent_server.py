@@ -535,3 +535,37 @@ class ShutdownTests(FluentServerTestCase):
 
         self.assertEqual(self.fluent.buffered, 0)
         self.assert_records_accounted(prefill + 500)
+
+
+class AcknowledgedTests(FluentServerTestCase):
+    """
+    With --fluent-ack, a receiver that drops its connection mid-stream loses
+    no record: each reaches it at least once, and the counters add up.
+    """
+
+    @defer.inlineCallbacks
+    def test_dropped_connection_resent(self):
+        """
+        The receiver aborts its connection after 3000 records without acking
+        the last frame: every position still reaches Redis and every record
+        reaches the receiver after the reconnection.
+        """
+        receiver = self.start_receiver()
+        receiver.drop_after = 3000
+        yield self.start_server(receiver.port, "--fluent-ack", "--fluent-buffer", "20000")
+        yield self.wait_for(lambda: self.fluent.connected, "connection to Fluentd")
+
+        yield self.send_traffic(TOTAL)
+        yield self.settle(self.sent)
+        yield self.wait_for(
+            lambda: self.counters["fluent_sent"] == self.sent,
+            "every record acked",
+            timeout=RECONNECT_TIMEOUT,
+        )
+
+        taxis = {record["taxi"] for _, _, record in receiver.events}
+        self.assertEqual(len(taxis), self.sent)
+        self.assertEqual(self.counters["written"], self.sent)
+        self.assertEqual(self.counters["fluent_dropped"], 0)
+        self.assertGreater(self.counters["fluent_resent"], 0)
+        self.assertEqual(self.fluent.buffered + self.fluent.unacked, 0)
