@@ -50,13 +50,13 @@ class PositionProtocol(DatagramProtocol):
             else:
                 self.authenticate(position, data, address)
         except datagram.Rejected as rejection:
-            self.reject(rejection.reason, address, rejection.detail, rejection.value)
+            self._rejected(rejection, address)
         except Exception:
             self._failed(Failure(), address)
 
     def _check_place_and_time(self, position):
         if position.lat == 0.0 and position.lon == 0.0:
-            raise datagram.Rejected("zero_position", "position (0, 0): the device has no GPS fix", "0, 0")
+            raise datagram.Rejected("zero_position", "position (0, 0): the device has no GPS fix", (position.lat, position.lon))
 
         timestamp = position.timestamp
         now = self.clock.seconds()
@@ -155,11 +155,20 @@ class PositionProtocol(DatagramProtocol):
         Count a rejected datagram and log it, a few lines a second at most
         for each reason.
         """
+        self._rejected(datagram.Rejected(reason, detail, value), address)
+
+    def _rejected(self, rejection, address):
+        reason = rejection.reason
         self.counters[reason] += 1
-        self.ratelog.warn(
+        self.ratelog.warn_lazily(
             reason,
             "Rejected datagram from {source} ({reason}): {detail}; value: {value}",
-            source=_source(address), reason=reason, detail=detail, value=_loggable(value),
+            lambda: {
+                "source": _source(address),
+                "reason": reason,
+                "detail": rejection.detail,
+                "value": _loggable(rejection.value),
+            },
         )
 
 
@@ -169,5 +178,7 @@ def _source(address):
 
 
 def _loggable(value, size=120):
-    text = value if isinstance(value, str) else repr(value)
+    # repr() escapes control characters, so a datagram cannot write a
+    # carriage return or a terminal escape sequence into the log.
+    text = repr(value)
     return text if len(text) <= size else text[:size] + "..."

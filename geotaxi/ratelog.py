@@ -30,11 +30,26 @@ class RateLimitedLog:
         self._buckets[key] = (tokens, now, suppressed + 1)
         return False, suppressed
 
+    def warn_lazily(self, key, format, make_fields):
+        """
+        Log ``format`` at warning level unless ``key`` is over its rate,
+        with the named fields that ``make_fields()`` returns. It is called
+        only for lines that are written, so fields that are costly to build
+        cost nothing under a flood.
+        """
+        allowed, suppressed = self._allow(key)
+        if not allowed:
+            return False
+        if suppressed:
+            format = format + " ({suppressed} similar lines suppressed)"
+        self._log.warn(format, suppressed=suppressed, **make_fields())
+        return True
+
     def warn(self, key, format, **fields):
         """
         Log ``format`` at warning level unless ``key`` is over its rate.
         ``fields`` go to the event as named fields, and ``suppressed`` is
-        the number of lines of this key were held back since the last one written.
+        the number of lines of this key held back since the last one written.
         """
         allowed, suppressed = self._allow(key)
         if not allowed:

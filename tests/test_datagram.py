@@ -537,8 +537,21 @@ class RejectedTests(SynchronousTestCase):
 
     def test_rejected_args(self):
         """
-        Rejected carries the reason, the detail and the value as its args too.
+        Rejected carries the reason as its args, and the detail and the value
+        as attributes.
         """
         rejection = Rejected("too_large", "datagram of 5000 bytes, over 4096", 5000)
 
-        self.assertEqual(rejection.args, ("too_large", "datagram of 5000 bytes, over 4096", 5000))
+        self.assertEqual(rejection.args, ("too_large",))
+        self.assertEqual(rejection.detail, "datagram of 5000 bytes, over 4096")
+        self.assertEqual(rejection.value, 5000)
+
+    def test_explanation_deferred(self):
+        """
+        A schema failure is explained only when its detail is read.
+        """
+        rejection = self.rejection(encode(taxi="a b"))
+
+        self.assertIsNotNone(rejection._describe)
+        self.assertIn("taxi", rejection.detail)
+        self.assertIsNone(rejection._describe)

@@ -243,7 +243,19 @@ class RejectionTests(ProtocolTestCase):
         self.receive(encode(operator="o" * 300))
 
         value = self.protocol_events()[0].split("; value: ")[-1]
-        self.assertEqual(value, "o" * 120 + "...")
+        self.assertEqual(value, "'" + "o" * 119 + "...")
+
+    def test_control_characters_escaped(self):
+        """
+        Control characters of a rejected value reach the log escaped, so a
+        datagram cannot forge a log line or send terminal escapes.
+        """
+        self.receive(encode(status="a\rFAKE\x1b[2J"))
+
+        line = self.protocol_events()[0]
+        self.assertNotIn("\r", line)
+        self.assertNotIn("\x1b", line)
+        self.assertIn("\\r", line)
 
     def test_deep_field_value(self):
         """
@@ -273,7 +285,7 @@ class ZeroPositionTests(ProtocolTestCase):
         self.receive(encode(lat=0, lon=0))
 
         self.assertIn("(zero_position)", self.protocol_events()[0])
-        self.assertIn("value: 0, 0", self.protocol_events()[0])
+        self.assertIn("value: (0.0, 0.0)", self.protocol_events()[0])
 
     def test_one_zero_accepted(self):
         """
