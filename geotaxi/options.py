@@ -11,6 +11,10 @@ import os
 
 from twisted.python import usage
 
+# The write script passes 3 arguments a position to one GEOADD through
+# unpack(), and Lua 5.1 in Redis refuses more than about 8,000.
+MAX_BATCH_SIZE = 2000
+
 TRUE_WORDS = frozenset(["1", "true", "yes", "on"])
 FALSE_WORDS = frozenset(["0", "false", "no", "off", ""])
 
@@ -48,6 +52,20 @@ def positive_float(text):
     return value
 
 
+def batch_size(text):
+    value = positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise ValueError(f"{value} is over {MAX_BATCH_SIZE}, the largest batch the Lua script can unpack")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
+
+
 def non_negative_float(text):
     value = float(text)
     if not value >= 0:
@@ -72,6 +90,8 @@ port_number.coerceDoc = "A port number, 0-65535."
 positive_int.coerceDoc = "A positive integer."
 non_negative_float.coerceDoc = "Seconds, 0 or more."
 positive_float.coerceDoc = "Seconds, above 0."
+batch_size.coerceDoc = f"1 to {MAX_BATCH_SIZE}."
+non_negative_int.coerceDoc = "0 or more."
 
 
 class Options(usage.Options):
@@ -105,7 +125,7 @@ class Options(usage.Options):
         ["redis-sentinel-master", None, "mymaster", "Name of the master watched by the sentinels."],
         ["redis-timeout", None, 5.0, "Seconds to wait for each Redis call.", positive_float],
         ["queue-size", None, 100_000, "Positions that may wait for Redis before new ones are dropped.", positive_int],
-        ["batch-size", None, 1000, "Positions written to Redis per round trip, at most.", positive_int],
+        ["batch-size", None, 1000, "Positions written to Redis per round trip, at most.", batch_size],
         ["fluent-host", None, "127.0.0.1", "Fluentd host."],
         ["fluent-port", None, 24224, "Fluentd forward port.", port_number],
         ["fluent-buffer", None, 100_000, "Records that may wait for Fluentd before new ones are dropped.", positive_int],
@@ -113,7 +133,7 @@ class Options(usage.Options):
         ["auth-refresh", None, 300.0, "Seconds between reloads of the operators' keys.", non_negative_float],
         ["max-future", None, 600.0, "Reject timestamps more than this many seconds ahead (0: no limit).", non_negative_float],
         ["max-age", None, 3600.0, "Reject timestamps more than this many seconds old (0: no limit).", non_negative_float],
-        ["receive-buffer", None, 4 * 1024 * 1024, "SO_RCVBUF to request for the UDP socket, in bytes.", int],
+        ["receive-buffer", None, 4 * 1024 * 1024, "SO_RCVBUF to request for the UDP socket, in bytes (0: the system default).", non_negative_int],
         ["shutdown-timeout", None, 10.0, "Seconds to write queued positions on SIGTERM before exiting.", non_negative_float],
         ["sentry-dsn", None, None, "Sentry DSN to report errors to."],
         ["metrics-port", None, None, "TCP port of the /metrics and /health HTTP endpoint, off by default", port_number],
@@ -165,6 +185,12 @@ class Options(usage.Options):
                 self["redis-sentinel"] = sentinel_addresses(self["redis-sentinel"])
             except ValueError as error:
                 raise usage.UsageError(f"invalid --redis-sentinel (REDIS_SENTINEL): {error}") from None
+            # Writing to --redis-host instead of the master the sentinels
+            # name would store positions where the API does not read them.
+            raise usage.UsageError(
+                "--redis-sentinel (REDIS_SENTINEL) is not supported yet: "
+                "point --redis-host at the Redis master instead"
+            )
 
         if self["auth-enabled"] and not self._environ.get("API_KEY"):
             raise usage.UsageError(

@@ -44,6 +44,7 @@ class GeotaxiService(service.MultiService):
         self.fluent = None
         self.keys = None
         self._expiry = None
+        self._stopping = False
 
     def startService(self):
         super().startService()
@@ -64,6 +65,10 @@ class GeotaxiService(service.MultiService):
             signal.signal(signum, self._on_stop_signal)
 
     def _on_stop_signal(self, signum, frame):
+        if self._stopping:
+            log.info("Received {signal} again: already stopping", signal=signal.Signals(signum).name)
+            return
+        self._stopping = True
         log.info(
             "Received {signal}: no longer reading datagrams, writing the backlog, then exiting",
             signal=signal.Signals(signum).name,
@@ -73,7 +78,13 @@ class GeotaxiService(service.MultiService):
     def stopService(self):
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
-        return super().stopService()
+        d = super().stopService()
+        d.addBoth(self._log_final_counters)
+        return d
+
+    def _log_final_counters(self, result):
+        log.info("Final counters: {counters}", counters=self.counters.report_line())
+        return result
 
 
 def makeService(config, reactor=None, handle_signals=True):
@@ -87,9 +98,14 @@ def makeService(config, reactor=None, handle_signals=True):
     counters = Counters()
     top = GeotaxiService(reactor, counters, handle_signals)
 
-    # NOTE: --redis-sentinel, --workers, --metrics-port and --sentry-dsn are
-    # parsed but not yet acted on: this process connects to --redis-host,
-    # runs alone, serves no metrics and reports errors only to its log.
+    # NOTE: --workers, --metrics-port and --sentry-dsn are accepted, so that
+    # the earlier server's settings still start, but not acted on yet: this
+    # process runs alone, serves no metrics and reports errors to its log.
+    for option, value, default in (("workers", config["workers"], 1),
+                                   ("metrics-port", config["metrics-port"], None),
+                                   ("sentry-dsn", config["sentry-dsn"], None)):
+        if value != default:
+            log.warn("--{option} is not supported yet and is ignored", option=option)
     link = RedisLink(
         reactor,
         config["redis-host"],

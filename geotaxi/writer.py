@@ -64,6 +64,7 @@ class RedisWriter(service.Service):
         self._retry_at = 0.0
         self._drained = []
         self._closed = False
+        self._failing = False
         self._ratelog = RateLimitedLog(clock, log)
         # One line every 5 s while Redis is away is enough to see it.
         self._unreachable_log = RateLimitedLog(clock, log, per_second=0.2, burst=1)
@@ -141,6 +142,7 @@ class RedisWriter(service.Service):
             self._schedule(self._retry_at - now)
             return
         if not self.link.connected:
+            self._failing = True
             self.counters["redis_errors"] += 1
             self._unreachable_log.error(
                 "redis_unreachable",
@@ -191,6 +193,9 @@ class RedisWriter(service.Service):
         if self._closed:
             # Counted as shutdown_dropped when the shutdown timeout passed.
             return
+        if self._failing:
+            self._failing = False
+            log.info("Writing to Redis at {address} again", address=self.link.address)
         written, failed, first_error = int(reply[0]), int(reply[1]), reply[2]
         self.counters["written"] += written
         if failed:
@@ -211,6 +216,7 @@ class RedisWriter(service.Service):
         )
         if self._closed:
             return
+        self._failing = True
         self._retry_at = self.clock.seconds() + self.retry_interval
         self._requeue(batch)
         if bad_signatures:
