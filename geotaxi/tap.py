@@ -106,6 +106,7 @@ def makeService(config, reactor=None, handle_signals=True):
                                    ("sentry-dsn", config["sentry-dsn"], None)):
         if value != default:
             log.warn("--{option} is not supported yet and is ignored", option=option)
+
     link = RedisLink(
         reactor,
         config["redis-host"],
