@@ -30,9 +30,9 @@ class Rejected(Exception):
     a sentence for the log and the offending value.
 
     ``describe``, when given, is a function returning ``(detail, value)``,
-    called only when they are first read: explaining a schema failure costs
-    about 180 µs, and a flood of bad datagrams must cost a counter
-    increment, not an explanation per datagram that the log then drops.
+    called only when they are first read. Explaining a schema failure costs
+    about 180 µs, so a flood of bad datagrams must not pay for explanations
+    that the rate-limited log then drops.
     """
 
     def __init__(self, reason, detail=None, value=None, describe=None):

@@ -92,10 +92,10 @@ class RedisWriter(service.Service):
         Queue an accepted position for writing. Return False if it was dropped
         because the backlog is full.
         """
-        # The backlog keeps the script's line, a str, and not the Position:
-        # a dict of strings is not tracked by the garbage collector, which
-        # otherwise rescans a backlog of 100,000 objects at each collection
-        # and slows the whole server just when it is behind.
+        # The backlog keeps the script's line, a str, and not the Position,
+        # because the garbage collector does not track a dict of strings.
+        # A backlog of 100,000 objects was rescanned at each collection and
+        # slowed the whole server just when it was behind.
         line = f"{position.taxi} {position.operator} {position.lon_text} {position.lat_text} {position.value}\n"
         pending = self._pending
         if member in pending:

@@ -257,19 +257,19 @@ class ApiFailureTests(AuthServerTestCase):
 
     def test_api_error_500(self):
         """
-        The API answering 500.
+        The API responding with status 500.
         """
         return self.check_failure("error")
 
     def test_api_garbage(self):
         """
-        The API answering garbage.
+        The API responding with garbage.
         """
         return self.check_failure("garbage")
 
     def test_api_hangs(self):
         """
-        The API never answering: each reload times out.
+        The API never responding: each reload times out.
         """
         return self.check_failure("hang")
 
