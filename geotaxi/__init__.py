@@ -1,7 +1,7 @@
 """
 geotaxi: the UDP ingest server of the open taxi API.
 
-Operators' apps send each taxi's position as a signed JSON datagram; geotaxi
+Operators' apps send each taxi's position as a signed JSON datagram. geotaxi
 checks it, stores the latest position of each taxi in Redis in the layout the
 API reads, and forwards every accepted position to Fluentd.
 """

@@ -256,7 +256,8 @@ class FluentForwarder(Service):
     def emit(self, record):
         """
         Queue ``record`` (a flat dict of str, int and float values) for
-        Fluentd, or drop and count it when the buffer is full. Never blocks.
+        Fluentd, or drop and count it when the buffer is full. It only packs
+        the record and appends it to a deque, so it does not block.
         """
         pending = self._pending
         if len(pending) >= self._capacity:

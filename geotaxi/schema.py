@@ -4,8 +4,8 @@ The JSON Schema of a position datagram, loaded once from the package.
 Two validators come from the one document. A fastjsonschema function,
 compiled at import, checks each datagram in a few microseconds. A jsonschema
 validator checks the document against its metaschema and explains a
-rejection for the log; it takes tens of microseconds, so it runs only on
-rejected datagrams.
+rejection for the log. It takes tens of microseconds, so it runs only for
+rejections that are logged.
 """
 
 import json

@@ -12,7 +12,7 @@
 -- that unpack() of the variadic arguments fits Lua's stack.
 --
 -- NOTE: the keys are built here, not passed in KEYS, so this script is not
--- fit for Redis Cluster; the API does not run on a cluster.
+-- fit for Redis Cluster. The API does not run on a cluster.
 
 local now = ARGV[1]
 local geo, geo2, stamps, stamps_id = {}, {}, {}, {}

@@ -195,7 +195,7 @@ class ReloadScheduleTests(SynchronousTestCase):
     def test_max_waiting(self):
         """
         Once max_waiting lookups wait, the next unknown one returns FULL,
-        while a known operator is still answered.
+        while a known operator's key is still returned.
         """
         cache, clock, counters = self.loaded_cache(max_waiting=3)
 
@@ -608,7 +608,7 @@ class ApiKeyCacheHTTPTests(TestCase):
 
     def test_hung_api(self):
         """
-        An API that never answers times out and keeps the key set in use.
+        An API that never responds times out and keeps the key set in use.
         """
         return self.check_failure_mode("hang", "timed out after 0.3 s")
 
@@ -734,7 +734,7 @@ class ApiKeyCacheHTTPTests(TestCase):
 
     def test_stop_while_waiting_headers(self):
         """
-        Stopping while the API has not answered cancels the request.
+        Stopping while the API has not responded cancels the request.
         """
         return self.check_stop_while_hung("hang")
 

@@ -291,7 +291,7 @@ class ApiDownAtStartTests(AuthServerTestCase):
     @defer.inlineCallbacks
     def test_unavailable_until_api_up(self):
         """
-        Datagrams are counted as auth_unavailable until the API answers,
+        Datagrams are counted as auth_unavailable until the API responds,
         then accepted.
         """
         self.send(signed_datagram(1, taxi="early"))

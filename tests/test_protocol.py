@@ -13,23 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from geotaxi.counters import Counters
 from geotaxi.protocol import PositionProtocol
+from tests.samples import FIELDS, NOW, OPERATOR
 
-NOW = 1733318400
-OPERATOR = "operator@example.org"
 MEMBER = "taxi-1:" + OPERATOR
 ADDRESS = ("203.0.113.7", 40000)
-
-FIELDS = {
-    "taxi": "taxi-1",
-    "operator": OPERATOR,
-    "lat": 48.856613,
-    "lon": 2.352222,
-    "timestamp": NOW,
-    "version": 2,
-    "status": "free",
-    "device": "phone",
-    "hash": "0123456789abcdef0123456789abcdef01234567",
-}
 
 
 def encode(**fields):

@@ -1,6 +1,6 @@
 """
 Every rejection reason, sent as the exact bad datagram over a real UDP socket
-to a server writing to a real Redis: nothing is written, the reason is
+to a server writing to a real Redis. Nothing is written, the reason is
 counted and logged with the value, and the next good datagram is written.
 """
 

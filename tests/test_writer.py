@@ -835,7 +835,7 @@ class InvariantTests(WriterTestCase):
 
     def test_random_traffic(self):
         """
-        The invariant holds after every step of random traffic.
+        The invariant is true after every step of random traffic.
         """
         for seed in range(5):
             self.reset()
